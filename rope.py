@@ -98,9 +98,8 @@ class RopeConfig:
         if not isinstance(params, dict):
             raise ValueError("rope_parameters in config.json must be a dict")
         theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling = config.get("rope_scaling") or params
-        if rope_scaling is not ...:
-            scaling = rope_scaling or {}
+        file_scaling = config.get("rope_scaling") or params
+        scaling = file_scaling if rope_scaling is ... else (rope_scaling or {})
         if not isinstance(scaling, dict):
             raise ValueError("rope_scaling must be a dict or null")
         if scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -117,9 +116,11 @@ class RopeConfig:
             method = "dynamic-yarn"
         elif method == "yarn" and scaling.get("attention_factor") == 1.0 and not scaling.get("mscale"):
             method = "ntk-by-parts"  # YaRN without its temperature is exactly NTK-by-parts
-        # L: an explicit original length wins (Phi-3 style top-level key first, as transformers does);
-        # otherwise the checkpoint's max_position_embeddings *is* the original length (linear, dynamic).
-        L = config.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_pos
+        # L: an override's own value first, then the file's (a top-level key first, as transformers
+        # does for Phi-3); without any, max_position_embeddings *is* the original length (linear, dynamic).
+        key = "original_max_position_embeddings"
+        L = ((scaling.get(key) if scaling is not file_scaling else None) or config.get(key)
+             or (file_scaling or {}).get(key) or max_pos)
         factor = scaling.get("factor")
         if method == "none":
             factor = 1.0

@@ -1,0 +1,494 @@
+"""
+A Llama (and Mistral-family) decoder in one file, that loads and saves Hugging Face checkpoints.
+
+    from model import Llama
+    model = Llama.from_pretrained("path/to/Llama-2-7b-hf", dtype=torch.bfloat16, device="cuda",
+                                  rope_scaling={"rope_type": "yarn", "factor": 32.0})
+    loss = model(idx, targets)                 # mean next-token loss, chunked over the vocabulary
+    model.setup_cache(batch_size=1, max_len=131072)
+    logits = model(prompt, pos=0, last_only=True)   # prefill, then one token at a time with pos=t
+    model.save_pretrained("out/llama-yarn")    # config.json + model.safetensors (sharded if large)
+
+Read bottom-up: config, RMSNorm, attention, MLP, block, the model, then loading and saving.
+Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a
+plain load_state_dict. Rotary embeddings, and every way to scale them, live in rope.py.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
+
+from rope import RopeConfig, apply_rope, inv_freq_and_scale, rope_cos_sin
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory we cannot load; the message is one line meant for the user."""
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096            # C
+    intermediate_size: int = 11008     # SwiGLU hidden width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32      # H
+    num_key_value_heads: int = 32      # KV heads; H % KV == 0, fewer means grouped-query attention
+    head_dim: int | None = None        # D; defaults to C // H
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    model_type: str = "llama"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.rope.head_dim != self.head_dim:
+            self.rope = self.rope.replace(head_dim=self.head_dim)
+
+    @property
+    def context_length(self):
+        """How far the RoPE method is meant to reach: s * L (L for plain RoPE)."""
+        return int(self.rope.factor * self.rope.original_max_position_embeddings)
+
+    @classmethod
+    def from_hf(cls, hf, rope_scaling=...):
+        model_type = hf.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"unsupported model_type {model_type!r}: this is a Llama/Mistral-family "
+                                  f"model implementation ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
+        if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+            print(f"warning: sliding_window={hf['sliding_window']} is ignored: attention here is full causal",
+                  file=sys.stderr)
+        try:
+            names = [n for n in cls.__dataclass_fields__ if n not in ("rope", "model_type", "head_dim")]
+            kw = {n: hf[n] for n in names if n in hf}
+            kw["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+            return cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type,
+                       rope=RopeConfig.from_hf(hf, rope_scaling))
+        except KeyError as e:
+            raise CheckpointError(f"config.json is missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: {e}") from None
+
+    def to_hf(self, dtype=torch.float32):
+        out = {"architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+               "model_type": self.model_type, "hidden_act": "silu",
+               "torch_dtype": str(dtype).removeprefix("torch.")}
+        out.update({n: getattr(self, n) for n in self.__dataclass_fields__ if n not in ("rope", "model_type")})
+        out.update(self.rope.to_hf())  # rope_theta, rope_scaling, max_position_embeddings
+        return out
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 (as the Llama reference does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys (already rotated) and values of one layer for positions 0 .. max_len-1, allocated once."""
+
+    def __init__(self, batch_size, max_len, kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, KV, pos+T, D): only what is filled
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        H, KV, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.n_head, self.n_kv_head, self.head_dim = H, KV, D
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, KV * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, KV * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, k, cos, sin)  # cos/sin carry YaRN's attention factor: logits scale by a^2
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, KV, pos+T, D)
+            if T == 1:      # one new token sees every cached one
+                causal = False
+            elif pos > 0:   # a chunk after a prefix: causal, aligned to the bottom-right corner
+                mask, causal = causal_lower_right(T, pos + T), False
+        # enable_gqa: each group of H/KV query heads reads one K/V head, no repeat_interleave copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
+        self.cache = None                    # set up by setup_cache()
+        self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Weights for training from scratch (weights of a checkpoint are loaded instead)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- rotary tables ----------------------------------------------------------------------------
+
+    def rope_tables(self, rope_len, device):
+        """(inv_freq, a) for a sequence of total length rope_len; only dynamic methods depend on it."""
+        key = (rope_len if self.config.rope.is_dynamic else None, str(device))
+        if key not in self._rope_tables:
+            if len(self._rope_tables) > 64:
+                self._rope_tables.clear()
+            inv_freq, a = inv_freq_and_scale(self.config.rope, rope_len)
+            self._rope_tables[key] = (inv_freq.to(device), a)
+        return self._rope_tables[key]
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, pos=None, last_only=False, rope_len=None, reduction="mean"):
+        """idx (B, T) token ids. Without `pos`: a plain causal pass over positions 0..T-1 (training,
+        evaluation). With `pos`: tokens at positions pos..pos+T-1 of the KV cache (generation).
+        Returns logits (B, T, V) fp32 (last_only: (B, 1, V)), or the loss if targets (B, T) are given
+        (-100 marks positions not to score; `reduction` "mean" or "sum").
+        rope_len: the total length that dynamic methods scale for (default: the sequence's length)."""
+        B, T = idx.shape
+        if pos is None:
+            h = self._hidden(idx, 0, rope_len or T, use_cache=False)
+        else:
+            h = self._hidden_cached(idx, pos)
+        if targets is not None:
+            return self.chunked_loss(h, targets, reduction)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()
+
+    def _hidden(self, idx, pos, rope_len, use_cache):
+        T = idx.size(1)
+        inv_freq, a = self.rope_tables(rope_len, idx.device)
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            cache = self.cache.layers[i] if use_cache else None
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cache, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, pos)
+        return self.model.norm(x)
+
+    def chunked_loss(self, h, targets, reduction="mean"):
+        """Cross-entropy without ever holding the (B*T, V) fp32 logits: the vocabulary projection runs
+        over chunks of rows, each checkpointed so backward recomputes its logits instead of keeping them."""
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        rows = max(256, (1 << 26) // self.config.vocab_size)  # ~256 MiB of fp32 logits per chunk
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.size(0), rows):
+            args = (h[s:s + rows], targets[s:s + rows])
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(self._ce_sum, *args, use_reentrant=False)
+            else:
+                total = total + self._ce_sum(*args)
+        if reduction == "sum":
+            return total
+        return total / (targets != -100).sum().clamp(min=1)
+
+    def _ce_sum(self, h, targets):
+        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction="sum")
+
+    # ---- KV cache for generation ------------------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None, dynamic_growth=1.25, chunk_size=4096):
+        """Allocate the KV cache once for `max_len` positions (in the weights' dtype by default).
+
+        Static methods cache rotated keys, as usual. Dynamic methods (dynamic-ntk, dynamic-yarn) rescale
+        RoPE with the total length, and with more than one layer even un-rotated keys would go stale: the
+        keys of layer 2 depend on layer 1's attention, which depended on the old scale. So the cache
+        records the length its scale was computed for (`rope_len`); when the text outgrows it, the
+        prefix is recomputed under the new scale (transformers #25104 is the bug this avoids). The new
+        rope_len grows geometrically by `dynamic_growth` from L, so recomputation costs a bounded
+        multiple of one prefill; dynamic_growth=1 rescales at every token and makes each step equal a
+        full forward pass exactly (at quadratic cost)."""
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        cfg = self.config
+        self.cache = nn.Module()
+        self.cache.layers = nn.ModuleList(KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim,
+                                                  dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.cache.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.cache.max_len, self.cache.growth, self.cache.chunk = max_len, dynamic_growth, chunk_size
+        self.cache.rope_len = cfg.rope.original_max_position_embeddings
+        return self.cache
+
+    def cache_bytes(self):
+        return sum(b.numel() * b.element_size() for b in self.cache.buffers()) if self.cache else 0
+
+    def dynamic_rope_len(self, length):
+        """The length a dynamic method scales for once the text is `length` tokens long."""
+        L, growth, max_len = self.config.rope.original_max_position_embeddings, self.cache.growth, self.cache.max_len
+        if length <= L:
+            return L  # every l <= L is plain RoPE
+        if growth <= 1:
+            return length
+        n = L
+        while n < length:
+            n = math.ceil(n * growth)
+        return min(n, max_len)
+
+    def _hidden_cached(self, idx, pos):
+        if self.cache is None:
+            raise RuntimeError("call setup_cache() before decoding with pos=")
+        end = pos + idx.size(1)
+        if end > self.cache.max_len:
+            raise ValueError(f"sequence of {end} tokens does not fit the KV cache of {self.cache.max_len}")
+        self.cache.tokens[:, pos:end] = idx
+        if self.config.rope.is_dynamic:
+            need = self.dynamic_rope_len(end)
+            if need != self.cache.rope_len:
+                self.cache.rope_len = need
+                for s in range(0, pos, self.cache.chunk):  # recompute the prefix under the new scale
+                    self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, need, use_cache=True)
+        return self._hidden(idx, pos, self.cache.rope_len, use_cache=True)
+
+    @torch.no_grad()
+    def prefill(self, idx, chunk_size=None):
+        """Run a prompt (B, P) into an empty cache in chunks (activation memory bounded by the chunk,
+        not the prompt) and return the logits of its last position (B, 1, V)."""
+        chunk = chunk_size or self.cache.chunk
+        if self.config.rope.is_dynamic:  # pick the scale for the whole prompt up front: no recompute
+            self.cache.rope_len = self.dynamic_rope_len(idx.size(1))
+        for s in range(0, idx.size(1), chunk):
+            logits = self(idx[:, s:s + chunk], pos=s, last_only=True)
+        return logits
+
+    # ---- loading and saving Hugging Face checkpoints ----------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, rope_scaling=...):
+        """Load config.json + model.safetensors (or shards with model.safetensors.index.json).
+        The model is built on the meta device and each tensor is read straight into its place
+        (load_state_dict(assign=True)), so the weights are never held twice. dtype None keeps the
+        stored dtype. rope_scaling (a Hugging Face-style dict, None for plain RoPE) overrides the file's."""
+        hf = read_config(path)
+        cfg = LlamaConfig.from_hf(hf, rope_scaling)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = dict(model.state_dict())
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        loaded = set()
+        for file in weight_files(path):
+            from safetensors import safe_open
+            try:
+                with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
+                    shard = {}
+                    for name in f.keys():
+                        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer
+                            continue
+                        if name not in expected:
+                            raise CheckpointError(f"{os.path.basename(file)}: unexpected tensor {name!r} "
+                                                  f"(not a Llama weight: wrong architecture?)")
+                        t = f.get_tensor(name)
+                        if t.shape != expected[name].shape:
+                            raise CheckpointError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
+                                                  f"{tuple(expected[name].shape)} expected from config.json")
+                        shard[name] = t.to(dtype) if dtype else t
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+            model.load_state_dict(shard, strict=False, assign=True)
+            loaded |= shard.keys()
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(missing[:3])}{more}")
+        if cfg.tie_word_embeddings:  # assign=True replaced the embedding: point the head at it again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json and safetensors ({"format": "pt"} metadata), sharded above
+        max_shard_bytes, into a temporary directory that is then renamed onto `path`: a crash never
+        leaves a half-written checkpoint, and an existing one is only replaced by a complete one."""
+        from safetensors.torch import save_file
+        cfg = self.config
+        if cfg.rope.method == "dynamic-yarn":
+            print("note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json "
+                  f"declares static yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), "
+                  "which those tools will use", file=sys.stderr)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        dtype = next(iter(state.values())).dtype
+        shards, size = [[]], 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            if len(shards) == 1:
+                save_file({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
+                          metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, names in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update({n: fname for n in names})
+                total = sum(t.numel() * t.element_size() for t in state.values())
+                write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(os.path.join(tmp, "config.json"), cfg.to_hf(dtype))
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+# ---- checkpoint files -------------------------------------------------------------------------------
+
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt config.json in {path}: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"corrupt config.json in {path}: not a JSON object")
+    return hf
+
+
+def weight_files(path):
+    """The safetensors files of a checkpoint. Pickled weights (pytorch_model.bin, *.pt) are refused:
+    unpickling runs arbitrary code from the file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"corrupt {index}: {e}") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise CheckpointError(f"shard {missing[0]} listed in model.safetensors.index.json is missing")
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    pickles = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise CheckpointError(f"{path} holds only pickle weights ({pickles[0]}); refusing to unpickle "
+                              "(it can run arbitrary code): convert the checkpoint to safetensors first")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def write_json(file, obj):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def replace_dir(src, dst):
+    """Move the finished directory `src` onto `dst` with renames only; an old `dst` is kept aside until
+    the new one is in place, so at every instant one complete checkpoint exists."""
+    old = None
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+        os.rmdir(old)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

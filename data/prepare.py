@@ -138,12 +138,12 @@ def special_id(tok, folder, kind, candidates):
     return -1  # no such token: PackedData then starts blocks without BOS
 
 
-def train_tokenizer(docs, vocab_size, path, seed=0):
-    """Train a Llama-2-style sentencepiece BPE on the documents and write it to path."""
+def train_tokenizer(docs, vocab_size, seed=0):
+    """A sentencepiece BPE in the manner of Llama 2's, trained on the documents; returns the model file."""
 
     def sentences():
-        # sentencepiece learns from "sentences"; lines are natural ones, and chunking very long lines
-        # keeps them under its max_sentence_length (4192 bytes) instead of silently dropping them
+        # sentencepiece learns from short "sentences": we give it lines, cut to 1000 characters so that
+        # none exceeds its max_sentence_length (4192 bytes), past which it silently skips a sentence
         for _, load in docs:
             for line in load().splitlines():
                 for i in range(0, len(line), 1000):
@@ -165,14 +165,16 @@ def train_tokenizer(docs, vocab_size, path, seed=0):
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
+        # no dummy space before each text: a word at the start of a line then gets the pieces it was
+        # trained with (training sentences are lines), and decoding any slice of ids is plain concatenation
+        add_dummy_prefix=False,
         split_digits=True,  # as Llama does: numbers are read digit by digit
         input_sentence_size=2_000_000,  # a random sample of sentences is plenty and bounds time and memory
         shuffle_input_sentence=True,
         num_threads=2,  # the result depends on it (it is stored in the model), so it is fixed
         minloglevel=2,  # sentencepiece's training log is long; keep errors only
     )
-    with atomic_write(path) as f:
-        f.write(model.getvalue())
+    return model.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -275,24 +277,29 @@ def write_split(docs, tok, path, dtype, desc):
 
 def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
     """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size."""
-    os.makedirs(out, exist_ok=True)
-    # 1) a stale meta.json would vouch for the half-written files of this run: remove it first
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))
-    # 2) the tokenizer: trained on the training documents only, or copied so out stands alone
+    # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
-        train_tokenizer(train_docs, vocab_size, os.path.join(out, "tokenizer.model"), seed)
-        tok = load_tokenizer(os.path.join(out, "tokenizer.model"))
+        model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
     else:
         tok = load_tokenizer(tokenizer)
+        if tok.eos_id < 0:
+            raise ValueError(f"{tokenizer} has no EOS token, so document ends cannot be marked")
+    # 2) a stale meta.json would vouch for the half-written files of this run: remove it
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
+    # 3) the tokenizer file(s) into out, so the folder stands alone
+    if tokenizer is None:
+        with atomic_write(os.path.join(out, "tokenizer.model")) as f:
+            f.write(model)
+        tok = load_tokenizer(os.path.join(out, "tokenizer.model"))
+    else:
         for src in tok.files:
             dst = os.path.join(out, os.path.basename(src))
             if not (os.path.exists(dst) and os.path.samefile(src, dst)):
                 with open(src, "rb") as fsrc, atomic_write(dst) as fdst:
                     shutil.copyfileobj(fsrc, fdst)
-    if tok.eos_id < 0:
-        raise ValueError("the tokenizer has no EOS token, so document ends cannot be marked")
-    # 3) the two splits, then meta.json last
+    # 4) the two splits, then meta.json last
     dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
     meta = {
         "dtype": dtype,
@@ -356,7 +363,7 @@ class PackedData:
     def block(self, i, seq_len):
         """seq_len + 1 ids: [BOS] + tokens[i*seq_len : (i+1)*seq_len]; inputs = [:-1], targets = [1:].
         Without a BOS the block is tokens[i*seq_len : (i+1)*seq_len + 1] instead."""
-        import torch
+        import torch  # only here: preparing data does not need it, and it is slow to import
 
         if not 0 <= i < self.num_blocks(seq_len):
             raise IndexError(f"block {i} out of range: {self.num_blocks(seq_len)} blocks of {seq_len} tokens")
@@ -378,10 +385,10 @@ class PackedData:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help=".txt files, directories of .txt files, or .jsonl files")
-    p.add_argument("--out", required=True, help="output directory for train.bin, val.bin, meta.json and the tokenizer")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt files, directories of .txt files, or .jsonl files")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json and the tokenizer")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--tokenizer", help="a tokenizer.model, a tokenizer.json, or a checkpoint directory holding one")
+    group.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.model, a tokenizer.json, or a checkpoint directory holding one")
     group.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a sentencepiece BPE of this size")
     p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")

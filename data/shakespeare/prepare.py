@@ -1,5 +1,5 @@
 """
-Shakespeare's works as a small corpus of long documents: a play is 40k-70k tokens, long enough to
+Shakespeare's works as a small corpus of long documents: a play is 30k-70k tokens, long enough to
 test whether a context-extended model uses what it read tens of thousands of tokens earlier.
 
     python data/shakespeare/prepare.py                    # -> data/shakespeare/out
@@ -20,6 +20,7 @@ import configparser
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -60,28 +61,36 @@ def read_texts(archive):
 
 
 def strip_gutenberg(text):
-    """Keep what lies between Project Gutenberg's START and END lines. The texts of this package
-    were already stripped, so this only guards against a future version that is not."""
+    """Keep what lies between Project Gutenberg's START and END lines, if any. The texts of
+    shakespeare 0.6 come without Gutenberg's license header and footer: here only whitespace goes."""
     start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
     end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text, re.M | re.I)
     return text[start.end() if start else 0 : end.start() if end else len(text)].strip() + "\n"
 
 
-def read_works(archive):
-    """{name: (title, text)}, one edition per work.
+# The modern-spelling Cymbeline of this package jumps from Act II to Act V (17.6k words against
+# 28.2k in the folio), so for that one play the First Folio text is the complete edition we keep.
+FOLIO_INSTEAD = {"cymbeline_gut": "cymbeline_gut_f"}
 
-    The package holds 77 texts: 42 works in modern spelling and 35 First Folio transcriptions of
-    plays that are among those 42 ("Twelfe-Night" is "Twelfth Night"). metadata.txt marks the folio
-    ones in its notes; we drop them, so every work appears once, in modern spelling."""
+
+def read_works(archive):
+    """{name: text}, one edition per work.
+
+    The package holds 77 texts: 42 works in modern spelling and 35 First Folio transcriptions (old
+    spelling) of plays that are among those 42 ("Twelfe-Night" is "Twelfth Night"). metadata.txt
+    marks the folio ones in its notes; we drop them, so each work appears once, in modern spelling,
+    except where FOLIO_INSTEAD says otherwise."""
     texts = read_texts(archive)
     meta = configparser.ConfigParser(interpolation=None)
     meta.read_string(texts.pop("metadata.txt"))
     works = {}
     for key in meta.sections():
-        if "folio" in meta[key].get("notes", ""):
+        folio = "folio" in meta[key].get("notes", "")
+        wanted = key in FOLIO_INSTEAD.values() if folio else key not in FOLIO_INSTEAD
+        if not wanted:
             continue
-        name = key.removesuffix("_gut")  # hamlet_gut -> hamlet
-        works[name] = (meta[key]["title"], strip_gutenberg(texts[f"{key}.txt"]))
+        name = key.removesuffix("_f").removesuffix("_gut")  # hamlet_gut -> hamlet
+        works[name] = strip_gutenberg(texts[f"{key}.txt"])
     return works
 
 
@@ -90,7 +99,8 @@ def is_complete(out, vocab_size, heldout):
     tokenizer beside them."""
     try:
         meta = read_meta(out)
-        PackedData(out, "train"), PackedData(out, "val")
+        for split in ("train", "val"):
+            PackedData(out, split)  # raises if the .bin file does not match meta.json
     except (FileNotFoundError, ValueError):
         return False
     same = meta["vocab_size"] == vocab_size and len(meta["val"]["names"]) == heldout
@@ -122,15 +132,17 @@ def main(argv=None):
         return
     works = read_works(fetch(args.raw))
     # the longest by characters: the tokenizer, trained without them, does not exist yet to count tokens
-    heldout = sorted(works, key=lambda n: len(works[n][1]), reverse=True)[: args.heldout]
+    heldout = sorted(works, key=lambda n: len(works[n]), reverse=True)[: args.heldout]
     # documents as data/prepare.py takes them: (name, load), load() returning the text
-    train = [(n, lambda t=text: t) for n, (_, text) in sorted(works.items()) if n not in heldout]
-    val = [(n, lambda t=works[n][1]: t) for n in heldout]
+    train = [(n, lambda t=text: t) for n, text in sorted(works.items()) if n not in heldout]
+    val = [(n, lambda t=works[n]: t) for n in heldout]
 
-    os.makedirs(os.path.join(args.out, "heldout"), exist_ok=True)
+    # a play held out by an earlier run with a larger --heldout may now be in train: clear the folder
+    shutil.rmtree(os.path.join(args.out, "heldout"), ignore_errors=True)
+    os.makedirs(os.path.join(args.out, "heldout"))
     for name in heldout:
         with atomic_write(os.path.join(args.out, "heldout", f"{name}.txt")) as f:
-            f.write(works[name][1].encode())
+            f.write(works[name].encode())
     prepare(args.out, train, val, vocab_size=args.vocab_size)
     summary(args.out)
 

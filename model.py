@@ -79,6 +79,8 @@ class LlamaConfig:
             print(f"warning: sliding_window={hf['sliding_window']} is ignored: attention here is full causal",
                   file=sys.stderr)
         try:
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+                hf[key]  # the shape of the model: never guess it
             names = [n for n in cls.__dataclass_fields__ if n not in ("rope", "model_type", "head_dim")]
             kw = {n: hf[n] for n in names if n in hf}
             kw["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]

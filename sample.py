@@ -1,0 +1,343 @@
+"""
+Generate text from a checkpoint, with a KV cache sized for the whole context up front.
+
+    python sample.py --model out/llama-yarn --ctx 131072 --prompt "Once upon a time"
+    python sample.py --model out/llama-yarn --ctx 65536 --prompt-file book.txt --max-new-tokens 200 --top-p 0.95
+    # any RoPE method on any checkpoint, without training: Dynamic-YaRN on a model trained at 4k
+    python sample.py --model Llama-2-7b-hf --ctx 16384 --rope dynamic-yarn --prompt-file long.txt
+    python sample.py --model Llama-2-7b-hf --ctx 32768 --rope yarn --rope-factor 8 --prompt-file long.txt
+
+Memory is the weights + the KV cache + a constant. The cache (2 * layers * kv_heads * head_dim * ctx
+values, in the weights' dtype: bf16 on CUDA) is allocated once and its size printed first. The prompt is
+prefilled --prefill-chunk tokens at a time, so activations are bounded by the chunk, not the prompt;
+then one token per step. Attention never forms a (T, T) matrix (flash attention on CUDA). On CPU, a
+chunk that follows a prefix builds its causal mask as a (chunk, position) boolean matrix, which is why the
+CPU default chunk is smaller.
+
+The model's own rope_scaling applies unless --rope names another method (see rope.py for all of
+them); dynamic methods stay exact as the text grows (model.setup_cache explains how).
+The continuation streams to stdout; the cache size, notes and speed go to stderr.
+Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token ids and their timing.
+"""
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import CheckpointError, Llama, LlamaConfig, read_config
+from rope import DYNAMIC_METHODS, METHODS
+
+
+def die(msg):
+    """A user error: one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line too (instead of the usage text, which --help shows)."""
+
+    def error(self, message):
+        die(message)
+
+
+def note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+
+def check_sampling(temperature, top_k, top_p):
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """One token id from fp32 logits (V,): argmax at temperature 0, else a draw from the softmax at
+    that temperature, restricted to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = torch.softmax(logits, -1).sort(descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches p
+        logits = logits.index_fill(0, order[outside], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    prefill_s: float   # until the first new token: the prompt's forward passes + one sample
+    new_tokens: int
+    decode_s: float    # the rest: one forward pass per further token
+
+    def summary(self):
+        prefill = f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.2f}s " \
+                  f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s)"
+        if self.new_tokens < 2:
+            return prefill
+        return prefill + f"; decode {self.new_tokens - 1} tokens in {self.decode_s:.2f}s " \
+                         f"({(self.new_tokens - 1) / max(self.decode_s, 1e-9):.1f} tok/s)"
+
+
+def sync(device):
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, generator=None,
+             on_token=None, eos_id=None, chunk_size=None):
+    """Prefill prompt_ids (a list of ints) into the KV cache in chunks, then sample one token at a time.
+    Uses the cache set up by model.setup_cache (one is made for prompt + max_new_tokens if there is none);
+    generation stops early at eos_id or when the cache is full. on_token(token, logits) is called for each
+    new token with the fp32 logits (V,) it was drawn from. Returns (new token ids, Timing)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
+    P = idx.size(1)
+    if model.cache is None:
+        model.setup_cache(1, P + max_new_tokens)
+    if P > model.cache.max_len:
+        raise ValueError(f"the prompt has {P} tokens, more than the {model.cache.max_len} the KV cache holds")
+    max_new_tokens = min(max_new_tokens, model.cache.max_len - P + 1)  # the last new token is never fed back
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model.prefill(idx, chunk_size)[0, -1]  # (V,)
+    out = []
+    for i in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_k, top_p, generator)  # .item(): waits for the GPU
+        if i == 0:
+            t1 = time.perf_counter()
+        out.append(token)
+        if on_token is not None:
+            on_token(token, logits)
+        if token == eos_id or i == max_new_tokens - 1:
+            break
+        logits = model(torch.tensor([[token]], device=device), pos=P + i, last_only=True)[0, -1]
+    sync(device)
+    t2 = time.perf_counter()
+    if not out:
+        t1 = t2
+    return out, Timing(P, t1 - t0, len(out), t2 - t1)
+
+
+class Streamer:
+    """on_token callback that prints text as it is generated. Decoding tokens one by one would lose
+    spaces (sentencepiece drops a leading one) and split multi-byte characters, so the whole
+    continuation is decoded after a few prompt tokens of context, and only the new characters printed."""
+
+    def __init__(self, tokenizer, prompt_ids, file=None):
+        self.tok, self.file = tokenizer, file or sys.stdout
+        self.context = [i for i in prompt_ids[-4:] if i != tokenizer.bos_id]
+        self.ids, self.start = [], len(tokenizer.decode(self.context))
+        self.printed = 0
+
+    def __call__(self, token, logits=None):
+        if token == self.tok.eos_id:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.context + self.ids)[self.start:]
+        if not text.endswith("\ufffd"):  # else half of a multi-byte character: wait for the rest
+            self.write(text)
+
+    def write(self, text):
+        self.file.write(text[self.printed:])
+        self.file.flush()
+        self.printed = len(text)
+
+    def close(self):
+        """Print what was held back (bytes that never completed a character), then a newline."""
+        self.write(self.tok.decode(self.context + self.ids)[self.start:] + "\n")
+
+
+# ---- loading: device, dtype, RoPE method --------------------------------------------------------------
+
+def pick_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(name, device):
+    if name in (None, "auto"):  # bf16 where it is fast and flash attention wants it, fp32 on CPU
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def attention_backends(device, dtype):
+    """On CUDA in bf16/fp16: flash attention (which also does grouped-query attention), and no fallback
+    to the math kernel, which would materialise (T, T) attention weights: a case flash cannot handle then
+    fails loudly instead of silently using memory quadratic in the context. (fp32 has no flash kernel.)"""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
+
+
+def rope_config(base, method="model", factor=None, target_len=None):
+    """The RopeConfig for `method` on a checkpoint whose own is `base`: "model" keeps the checkpoint's
+    (with `factor` if given), "none" is plain RoPE; any other method of rope.py keeps the checkpoint's
+    theta and original length L. Static methods default to factor target_len / L, so they reach the
+    context asked for; dynamic ones to 1 (they scale with the text)."""
+    if method == "model":
+        if factor is not None and base.method == "none":
+            raise ValueError("--rope-factor needs a --rope METHOD: this checkpoint uses plain RoPE")
+        return base if factor is None else base.replace(factor=float(factor))
+    if method not in METHODS:
+        raise ValueError(f"unknown RoPE method {method!r}; choose model or one of {', '.join(METHODS)}")
+    fresh = dict(attention_factor=None, mscale=None, mscale_all_dim=None)  # the old method's own knobs
+    if method == "none":
+        return base.replace(method="none", factor=1.0, **fresh)
+    if factor is None:
+        L = base.original_max_position_embeddings
+        factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
+    return base.replace(method=method, factor=float(factor), **fresh)
+
+
+def describe(rope):
+    """A short label: 'yarn s=8 (L=4096)', 'dynamic-yarn (L=4096)', 'none (L=4096)'."""
+    s = "" if rope.method in ("none", "dynamic-yarn") or (rope.is_dynamic and rope.factor == 1) \
+        else f" s={rope.factor:g}"
+    return f"{rope.method}{s} (L={rope.original_max_position_embeddings})"
+
+
+def checkpoint_config(path):
+    """The checkpoint's LlamaConfig from config.json alone (no weights read): checks the path early."""
+    return LlamaConfig.from_hf(read_config(path))
+
+
+def load_model(path, device, dtype):
+    try:
+        return Llama.from_pretrained(path, dtype=dtype, device=device)
+    except (CheckpointError, FileNotFoundError) as e:
+        die(str(e))
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak RSS)"
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length the KV cache is allocated for (default: the checkpoint's extended length)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text (default: start from BOS alone)")
+    src.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 text file")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="tokens to generate (fewer if EOS comes or the cache fills)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampler")
+    p.add_argument("--rope", default="model", metavar="METHOD",
+                   help=f"RoPE method to apply instead of the checkpoint's: model (its own), {', '.join(METHODS)}")
+    p.add_argument("--rope-factor", type=float, default=None, metavar="S",
+                   help="scale factor s of --rope (default: ctx / L for static methods, 1 for dynamic ones)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens per prefill forward pass (default 4096 on CUDA, 1024 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    args = p.parse_args(argv)
+
+    # 1) everything that can be checked without reading the weights
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        die(str(e))
+    if args.max_new_tokens < 1:
+        die(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        die(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    try:
+        cfg = checkpoint_config(args.model)
+        device = pick_device(args.device)
+    except (CheckpointError, RuntimeError) as e:
+        die(str(e))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {args.device}: CUDA is not available here")
+    ctx = args.ctx or cfg.context_length
+    if ctx < 1:
+        die(f"--ctx must be >= 1, got {ctx}")
+    try:
+        rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
+    except ValueError as e:
+        die(str(e))
+    from data.prepare import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
+    try:
+        tok = load_tokenizer(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        die(f"tokenizer missing or unreadable: {e}")
+
+    # 2) the prompt, as token ids: BOS first when the tokenizer has one
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            die(f"prompt file not found: {args.prompt_file}")
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"cannot read prompt file {args.prompt_file}: {e}")
+        if not text.strip():
+            die(f"prompt file {args.prompt_file} is empty")
+    else:
+        text = args.prompt or ""
+    ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(text)
+    if not ids:
+        die("empty prompt and the tokenizer has no BOS token to start from: give --prompt")
+    if max(ids) >= cfg.vocab_size:
+        die(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
+    if len(ids) > ctx:
+        die(f"the prompt has {len(ids)} tokens, longer than --ctx {ctx}")
+    if ctx > cfg.context_length:
+        note(f"note: --ctx {ctx} exceeds the {cfg.context_length} tokens this checkpoint was extended to "
+             f"({describe(cfg.rope)}); continuing")
+
+    # 3) weights, then the KV cache for the whole context, once
+    dtype = pick_dtype(args.dtype, device)
+    model = load_model(args.model, device, dtype)
+    model.set_rope(rope)
+    model.setup_cache(1, ctx)
+    note(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} "
+         f"on {device}; rope {describe(rope)}")
+    note(f"KV cache: {ctx} tokens x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x "
+         f"{cfg.head_dim} dims = {model.cache_bytes() / 2**20:.1f} MiB; prompt {len(ids)} tokens")
+
+    # 4) generate, streaming
+    chunk = args.prefill_chunk or (4096 if device.type == "cuda" else 1024)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    streamer = Streamer(tok, ids)
+    with attention_backends(device, dtype):
+        new, timing = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               generator, on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk)
+    streamer.close()
+    if len(new) < args.max_new_tokens and new[-1] != tok.eos_id:
+        note(f"note: stopped after {len(new)} tokens: the KV cache of {ctx} tokens is full")
+    note(timing.summary())
+    note(f"peak memory: {peak_memory(device)}")
+
+
+if __name__ == "__main__":
+    main()

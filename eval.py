@@ -11,6 +11,9 @@ passkey retrieval.
     python eval.py ppl --model out/llama-yarn --data data/books/val.bin --lengths 8192 --stride 256
     # passkey retrieval: accuracy per length and depth of the key in the filler
     python eval.py passkey --model out/llama-yarn --lengths 4096,8192,16384 --depths 0,0.25,0.5,0.75,1 --trials 10
+    # several checkpoints in one table: label each run, then merge their JSON
+    python eval.py ppl --model out/pi --label PI --data heldout/ --lengths 4096,8192 --json out/pi.json
+    python eval.py report out/base.json out/pi.json out/yarn.json --out out/ppl.md
 
 --rope SPEC, repeatable: METHOD or METHOD:FACTOR, METHOD one of model (the checkpoint's own; the
 default), none, linear, ntk, dynamic-ntk, ntk-by-parts, yarn, dynamic-yarn, llama3. Without a factor,
@@ -248,6 +251,35 @@ def plot_passkey(results, lengths, depths, path):
     return True
 
 
+def report(files, out=None):
+    """Several ppl runs (e.g. a base model under each method, then the fine-tuned ones) as one table."""
+    runs = []
+    for f in files:
+        try:
+            with open(f) as fh:
+                runs.append(json.load(fh))
+        except (OSError, ValueError) as e:
+            die(f"cannot read {f}: {e}")
+        if runs[-1].get("task") != "ppl":
+            die(f"{f} is not the output of eval.py ppl --json")
+    lengths = sorted({n for r in runs for n in r["lengths"]})
+    results = [res for r in runs for res in r["results"]]
+    cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
+                           else "-")
+    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
+                                                             for res in results])
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write(table + "\n")
+        png = os.path.splitext(out)[0] + ".png"
+        for res in results:  # lengths a run did not evaluate count as empty
+            res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
+        note(f"wrote {out}" + (f" and {png}" if plot_ppl(results, lengths, png) else " (no matplotlib: no plot)"))
+    return results
+
+
 # ---- command line -------------------------------------------------------------------------------------
 
 def int_list(s):
@@ -296,6 +328,8 @@ def main(argv=None):
                         help="write the results as JSON here (and a PNG plot next to it)")
     common.add_argument("--plot", default=None, metavar="PNG",
                         help="where to save the plot (default: the --json path with .png)")
+    common.add_argument("--label", default=None, metavar="NAME",
+                        help="name of this checkpoint in tables and plots (e.g. base, PI-tuned)")
     common.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -315,7 +349,12 @@ def main(argv=None):
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    rp = sub.add_parser("report", help="merge the --json files of several ppl runs into one table and plot")
+    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json")
+    rp.add_argument("--out", default=None, metavar="MD", help="also write the table here (and a PNG next to it)")
     args = p.parse_args(argv)
+    if args.task == "report":
+        return report(args.files, args.out)
 
     # 1) checks that need no weights
     lengths = args.lengths
@@ -340,6 +379,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available here")
     labels = [("model: " if m == "model" else "") + describe(r) for (m, _), r in zip(specs, ropes)]
+    if args.label:
+        labels = [f"{args.label}, {x}" for x in labels]
     if args.task == "ppl":
         try:
             docs, vocab = load_documents(args.data, args.model)

@@ -311,6 +311,22 @@ def test_cli_ppl_strided_and_plot_optional(checkpoint, texts, tmp_path, capsys, 
     assert "stride 32" in stdout and "plot skipped" in err and not (tmp_path / "s.png").exists()
 
 
+def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
+    for label, rope, lengths in (("base", "none", "128"), ("tuned", "yarn:4", "128,512")):
+        ev.main(["ppl", "--model", checkpoint, "--label", label, "--rope", rope, "--data", str(texts),
+                 "--lengths", lengths, "--json", str(tmp_path / f"{label}.json")])
+    capsys.readouterr()
+    merged = ev.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
+    table = (tmp_path / "all.md").read_text()
+    base, tuned = (json.loads((tmp_path / f"{x}.json").read_text())["results"][0] for x in ("base", "tuned"))
+    assert [r["method"] for r in merged] == ["base, none (L=64)", "tuned, yarn s=4 (L=64)"]
+    assert f"| base, none (L=64) | {base['ppl']['128']['ppl']:.3f} | - |" in table
+    assert f"| tuned, yarn s=4 (L=64) | {tuned['ppl']['128']['ppl']:.3f} | {tuned['ppl']['512']['ppl']:.3f} |" in table
+    with pytest.raises(SystemExit) as e:
+        ev.main(["report", str(tmp_path / "all.md")])
+    assert e.value.code == 2
+
+
 def test_cli_passkey(checkpoint, tmp_path, capsys):
     ev.main(["passkey", "--model", checkpoint, "--lengths", "64,128", "--depths", "0,0.5,1", "--trials", "2",
              "--rope", "model", "--rope", "dynamic-yarn", "--json", str(tmp_path / "pk.json")])

@@ -480,6 +480,7 @@ class Llama(nn.Module):
                 write_json(os.path.join(tmp, "model.safetensors.index.json"),
                            {"metadata": {"total_size": total}, "weight_map": weight_map})
             write_json(os.path.join(tmp, "config.json"), cfg.to_hf(dtype))
+            publish_permissions(tmp)
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -533,6 +534,16 @@ def write_json(file, obj):
     with open(file, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def publish_permissions(path):
+    """mkdtemp makes a 0700 directory and safetensors writes 0600 files: give them the usual modes
+    (what the umask allows), so other users and tools can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for name in os.listdir(path):
+        os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
 def replace_dir(src, dst):

@@ -100,6 +100,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         tiny("none", seed=2).save_pretrained(tmp_path / "c")
     assert open(tmp_path / "c" / "model.safetensors", "rb").read() == before
     assert os.listdir(tmp_path) == ["c"]  # no temp directory left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(tmp_path / "c").st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert os.stat(tmp_path / "c" / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
 
 
 # ---- clear errors for bad checkpoints ---------------------------------------------------------------

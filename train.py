@@ -1,0 +1,542 @@
+"""
+Extend the context of a Llama by fine-tuning it with YaRN (or any RoPE method of rope.py), the YaRN
+paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs with FSDP2 under torchrun.
+
+    # the paper: Llama 2 7B, YaRN s=16 over its L=4096, 400 steps of 64 sequences of s*L = 64k tokens
+    torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --out out/yarn16
+    # s=32 starts from the s=16 model and still trains at 64k, half of s*L: the model extrapolates
+    torchrun --nproc_per_node 8 train.py --init out/yarn16 --data data/pg19 --yarn-scale 32 --seq-len 65536 --steps 200 --out out/yarn32
+    # any other method under the same training, to compare them (linear = PI, ntk, ntk-by-parts, ...)
+    torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --rope linear --rope-factor 16 --out out/pi16
+    # on a CPU: pretrain a small Llama on Shakespeare (lr 1e-3, cosine), then extend it 4x with YaRN
+    python data/shakespeare/prepare.py --out data/shakespeare/out
+    python train.py --init scratch --data data/shakespeare/out --seq-len 256 --batch-size 16 --steps 1000 --out out/tiny
+    python train.py --init out/tiny --data data/shakespeare/out --yarn-scale 4 --batch-size 8 --steps 50 --out out/tiny-yarn4
+    # after a crash: the same command plus --resume
+    # several machines: torchrun's --nnodes/--rdzv-endpoint, with --out on a file system they all share
+
+--out receives a Hugging Face checkpoint (config.json with the method's rope_scaling and the new
+max_position_embeddings, model.safetensors, the tokenizer files) that sample.py, eval.py and
+transformers load as is; metrics.jsonl, one line per step; checkpoints/step-N for --resume.
+"""
+
+import argparse
+import base64
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
+
+try:
+    import resource  # Unix only: peak memory on CPU
+except ImportError:
+    resource = None
+
+from data.prepare import PackedData, load_tokenizer, read_meta
+from model import CheckpointError, Llama, LlamaConfig, read_config, weight_files, write_json
+from rope import METHODS, RopeConfig
+
+SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def arg(default, help, type=None, choices=None):
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch'", str)
+    data: str = arg(None, "dataset directory written by data/prepare.py", str)
+    out: str = arg("out", "output directory: HF checkpoint, metrics.jsonl, checkpoints/")
+    # which RoPE method, over which original context L
+    yarn_scale: float = arg(None, "YaRN scale s, the same as --rope yarn --rope-factor s", float)
+    rope: str = arg(None, "RoPE method (default: the checkpoint's own)", str, METHODS)
+    rope_factor: float = arg(None, "scale s of --rope: the new context is s*L", float)
+    original_ctx: int = arg(None, "L, the checkpoint's original context (default: read from its config.json)", int)
+    seq_len: int = arg(None, f"training length, a multiple of {SEQ_MULTIPLE} (default s*L; shorter is fine)", int)
+    # the paper's recipe
+    steps: int = arg(400, "optimizer steps")
+    batch_size: int = arg(64, "global batch in sequences, reached by gradient accumulation")
+    micro_batch: int = arg(1, "sequences per forward pass on each process")
+    lr: float = arg(None, "peak learning rate (default 2e-5 to fine-tune, 1e-3 from scratch)", float)
+    lr_schedule: str = arg(None, "after warmup: constant (the paper's, fine-tuning default) or cosine "
+                                 "to 10%% (scratch default)", str, ("constant", "cosine"))
+    warmup: int = arg(20, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay (the paper uses none)")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
+    seed: int = arg(0, "seed of the data order and of a scratch model's weights")
+    # engine
+    dtype: str = arg("auto", "compute dtype: auto is bf16 on CUDA, fp32 on CPU", str, ("auto", "bf16", "fp32"))
+    activation_checkpointing: bool = arg(None, "recompute each block in backward (default: on from seq-len 2048)", bool)
+    compile: bool = arg(False, "torch.compile each block")
+    # checkpoints and logging
+    save_every: int = arg(100, "write a resumable checkpoint every N steps (0: never)")
+    resume: bool = arg(False, "continue from the last checkpoint in --out")
+    eval_every: int = arg(0, "validation loss every N steps (0: only at the end)")
+    eval_blocks: int = arg(8, "validation sequences per evaluation")
+    # --init scratch: the model's shape (the vocabulary is the tokenizer's)
+    tokenizer: str = arg(None, "scratch: tokenizer file or directory (default: the dataset's)", str)
+    n_layer: int = arg(6, "scratch: layers")
+    n_embd: int = arg(384, "scratch: model width C")
+    n_head: int = arg(6, "scratch: attention heads")
+    n_kv_head: int = arg(None, "scratch: key/value heads (default n_head; fewer is grouped-query attention)", int)
+    intermediate_size: int = arg(None, "scratch: SwiGLU width (default 8C/3 rounded up to 256)", int)
+    rope_theta: float = arg(10000.0, "scratch: RoPE base")
+
+
+def parse_args(argv):
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.error = die  # one line, exit code 2, as for every other bad input
+    for f in fields(TrainConfig):
+        kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def die(msg):
+    """A user error: one line on stderr (from rank 0 only) and exit code 2, never a traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- checking the flags against the checkpoint and the data --------------------------------------------
+
+def resolve(tc, world):
+    """Fill the defaults that depend on the checkpoint and the data, and reject what cannot work.
+    Returns the model config and the tokenizer files to ship with it; raises ValueError."""
+    if not tc.init or not tc.data:
+        raise ValueError("--init (a checkpoint directory, or 'scratch') and --data are required")
+    if tc.yarn_scale is not None:
+        if not tc.yarn_scale >= 1:
+            raise ValueError(f"--yarn-scale must be >= 1, got {tc.yarn_scale}")
+        if tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale):
+            raise ValueError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+        tc.rope, tc.rope_factor = "yarn", tc.yarn_scale
+    if tc.rope not in (None, "none") and tc.rope_factor is None:
+        raise ValueError(f"--rope {tc.rope} needs --rope-factor")
+    meta = read_meta(tc.data)
+    data_vocab = meta["vocab_size"]
+
+    if tc.init == "scratch":
+        tok = load_tokenizer(tc.tokenizer or os.path.join(tc.data, meta["tokenizer"]))
+        if tok.vocab_size != data_vocab:
+            raise ValueError(f"tokenizer/data vocab mismatch: the tokenizer has {tok.vocab_size} tokens, "
+                             f"{tc.data} was tokenized with {data_vocab}")
+        L = tc.original_ctx or (tc.seq_len and int(tc.seq_len / (tc.rope_factor or 1)))
+        if not L:
+            raise ValueError("--init scratch needs --seq-len (or --original-ctx)")
+        C = tc.n_embd
+        rope = RopeConfig(method=tc.rope or "none", theta=tc.rope_theta, head_dim=C // tc.n_head,
+                          factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
+        mcfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=C, num_hidden_layers=tc.n_layer,
+                           intermediate_size=tc.intermediate_size or 256 * math.ceil(8 * C / 3 / 256),
+                           num_attention_heads=tc.n_head, num_key_value_heads=tc.n_kv_head or tc.n_head,
+                           bos_token_id=tok.bos_id if tok.bos_id >= 0 else None,
+                           eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope)
+        tok_files = list(tok.files)
+    else:
+        base = LlamaConfig.from_hf(read_config(tc.init))
+        weight_files(tc.init)  # no weights, or only pickles: fail now rather than after start-up
+        L = tc.original_ctx or base.rope.original_max_position_embeddings
+        if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
+            rope = base.rope.replace(original_max_position_embeddings=L)
+        else:
+            rope = RopeConfig(method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
+                              factor=tc.rope_factor if tc.rope != "none" else 1.0, original_max_position_embeddings=L)
+        mcfg = replace(base, rope=rope)
+        tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
+        try:
+            own = load_tokenizer(tc.init).vocab_size
+        except FileNotFoundError:  # a checkpoint without a tokenizer: ship the one the data was made with
+            own, tok_files = data_vocab, load_tokenizer(os.path.join(tc.data, meta["tokenizer"])).files
+        if own != data_vocab:
+            raise ValueError(f"tokenizer/model vocab mismatch: {tc.data} was tokenized with {data_vocab} "
+                             f"tokens, the tokenizer of {tc.init} has {own}: prepare the data with it")
+        if data_vocab > mcfg.vocab_size:
+            raise ValueError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
+                             f"the model's vocabulary is {mcfg.vocab_size}")
+
+    tc.seq_len = tc.seq_len or int(rope.factor * rope.original_max_position_embeddings)
+    if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
+        raise ValueError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
+    train = PackedData(tc.data, "train")
+    if train.num_blocks(tc.seq_len) < 1:
+        raise ValueError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
+    if tc.batch_size % (world * tc.micro_batch):
+        raise ValueError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
+                         f"--micro-batch {tc.micro_batch}")
+    if tc.steps < 1 or tc.warmup < 0 or tc.save_every < 0 or tc.eval_every < 0:
+        raise ValueError("--steps must be >= 1; --warmup, --save-every, --eval-every >= 0")
+    scratch = tc.init == "scratch"
+    tc.lr = tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5)
+    tc.lr_schedule = tc.lr_schedule or ("cosine" if scratch else "constant")
+    if tc.activation_checkpointing is None:
+        tc.activation_checkpointing = tc.seq_len >= 2048
+    return mcfg, tok_files
+
+
+# ---- model: built on meta, sharded, materialised, then filled -----------------------------------------
+
+def build_model(mcfg, tc, device, world, bf16):
+    # 1) on the meta device: no memory is touched, whatever the size
+    with torch.device("meta"):
+        model = Llama(mcfg)
+    model.gradient_checkpointing = tc.activation_checkpointing
+    if tc.compile:
+        for block in model.model.layers:
+            block.compile()
+    # 2) FSDP2: each block is one all-gather unit, then the root (embeddings, final norm, head);
+    #    bf16 compute on fp32 master weights, gradients reduced in fp32
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    # 3) real storage: each rank allocates only its shards
+    model.to_empty(device=device)
+    if mcfg.tie_word_embeddings and world == 1:  # to_empty made two tensors of the tied one
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # 4) the weights: a checkpoint's, streamed in, or a fresh init made the same way on any world size
+    if tc.init == "scratch":
+        torch.manual_seed(tc.seed)
+        full = Llama(mcfg)
+        full.init_weights()
+        fill_weights(model, full.state_dict().items(), "scratch init")
+    else:
+        fill_weights(model, checkpoint_tensors(tc.init), tc.init)
+    return model
+
+
+def checkpoint_tensors(path):
+    """(name, tensor) of a safetensors checkpoint, one at a time, read from the memory-mapped files."""
+    from safetensors import safe_open
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if not name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
+                        yield name, f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own types for damaged files
+            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def fill_weights(model, named_tensors, where):
+    """Copy full tensors into the model; with FSDP each rank slices out its own shard locally (no
+    communication), so no rank ever holds more than one full tensor beside its shards."""
+    params = model.state_dict()  # with FSDP2: DTensors sharded on dim 0
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    for name, t in named_tensors:
+        if name not in params:
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} (not a Llama weight)")
+        dst = params.pop(name)
+        if t.shape != dst.shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(dst.shape)}")
+        if isinstance(dst, DTensor):
+            t = distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.copy_(t)
+    if params:
+        raise CheckpointError(f"{where} is missing tensors: {', '.join(sorted(params)[:3])}")
+
+
+def export(model, mcfg, tc, tok_files, save_dtype, master):
+    """Write the Hugging Face checkpoint into --out. Files go in by rename, config.json last, so a
+    directory with a config.json always holds a complete checkpoint."""
+    if dist.is_initialized():  # a collective: every rank sends its shards, rank 0 gets full CPU tensors
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    if not master:
+        return
+    with torch.device("meta"):
+        plain = Llama(mcfg)
+    plain.load_state_dict({k: v.to("cpu", save_dtype) for k, v in state.items()}, assign=True, strict=False)
+    if mcfg.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    tmp = plain.save_pretrained(os.path.join(tc.out, ".export"))
+    for src in tok_files:
+        shutil.copy(src, tmp)
+    if os.path.exists(os.path.join(tc.out, "config.json")):
+        os.remove(os.path.join(tc.out, "config.json"))
+    for name in os.listdir(tc.out):  # weights of an earlier export, maybe sharded differently
+        if name.startswith("model") and name.endswith((".safetensors", ".json")):
+            os.remove(os.path.join(tc.out, name))
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(tc.out, name))
+    os.rmdir(tmp)
+
+
+# ---- resumable training state --------------------------------------------------------------------------
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoints(out):
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step-")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names]
+
+
+def save_state(model, optimizer, tc, step, world, master):
+    """Model and optimizer (each rank writes its shards: torch.distributed.checkpoint), the step (which
+    is the data position and the schedule), the RNG of every rank. Written to a temporary directory
+    renamed to checkpoints/step-N, so a step-N directory is always complete; older ones go after."""
+    folder = os.path.join(tc.out, "checkpoints")
+    tmp, final = os.path.join(folder, f".step-{step:06d}.tmp"), os.path.join(folder, f"step-{step:06d}")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world == 1)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rng = {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in rng.items()}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if master:
+        write_json(os.path.join(tmp, "train_state.json"), {"step": step, "samples": step * tc.batch_size,
+                                                           "world": world, "rng": rngs, "config": asdict(tc)})
+        old = checkpoints(tc.out)
+        os.rename(tmp, final)
+        for path in old:  # rename first: a half-deleted directory never looks like a checkpoint
+            trash = os.path.join(folder, "." + os.path.basename(path) + ".trash")
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+    barrier()
+
+
+RESUME_MUST_MATCH = ("init", "data", "seq_len", "batch_size", "rope", "rope_factor", "original_ctx", "seed", "lr",
+                     "lr_schedule", "warmup")
+
+
+def load_state(model, optimizer, tc, path, rank, world):
+    with open(os.path.join(path, "train_state.json")) as f:
+        state = json.load(f)
+    for key in RESUME_MUST_MATCH:
+        if state["config"][key] != getattr(tc, key):
+            raise ValueError(f"--resume: --{key.replace('_', '-')} was {state['config'][key]} in {path}, "
+                             f"now {getattr(tc, key)}")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    both = {"model": model_state, "optim": optim_state}
+    dcp.load(both, checkpoint_id=path, no_dist=world == 1)  # in place, into this rank's shards (any world size)
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    if state["world"] == world:  # the same ranks: the same random streams
+        rng = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8) for k, v in state["rng"][rank].items()}
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+# ---- data, schedule, evaluation -------------------------------------------------------------------------
+
+class BlockOrder:
+    """Sample g of the run is block perm_e[g mod n] of a fresh seeded shuffle for each epoch e = g // n:
+    a pure function of (seed, g), so a resumed run reads exactly what an uninterrupted one would."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
+
+    def __getitem__(self, g):
+        epoch, i = divmod(g, self.n)
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self.perm[i])
+
+
+def get_lr(step, tc):
+    """Linear warmup, then constant (the paper) or cosine down to 10%."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def evaluate(model, val, tc, rank, world, device, amp):
+    """Mean loss over the first --eval-blocks validation sequences, spread over the ranks."""
+    n = min(tc.eval_blocks, val.num_blocks(tc.seq_len))
+    if n == 0:
+        return None
+    model.eval()
+    total = torch.zeros(2, device=device)  # (sum of losses, count)
+    for i in range(rank, math.ceil(n / world) * world, world):  # same count everywhere: FSDP all-gathers
+        block = val.block(i % n, tc.seq_len).to(device)
+        with amp():
+            loss = model(block[None, :-1], block[None, 1:])
+        if i < n:
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    tc = parse_args(argv)
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP in one process is what we mean
+    # 1) who we are: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is 1 of 1
+    rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    world, master = max(world, 1), rank == 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    # 2) check everything the user gave before any process group or memory is set up
+    try:
+        mcfg, tok_files = resolve(tc, world)
+        if tc.resume is False and checkpoints(tc.out):
+            raise ValueError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
+        # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
+        hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
+        save_dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        die(str(e))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    # 3) model, optimizer, data
+    try:
+        model = build_model(mcfg, tc, device, world, bf16)
+    except CheckpointError as e:
+        die(str(e))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
+                                  fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
+    train, val = PackedData(tc.data, "train"), PackedData(tc.data, "val")
+    order = BlockOrder(train.num_blocks(tc.seq_len), tc.seed)
+    accum = tc.batch_size // (world * tc.micro_batch)
+    # single process: autocast gives bf16 compute on fp32 weights (FSDP's policy does it with several)
+    amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and world == 1 else nullcontext
+    start = 0
+    if tc.resume and checkpoints(tc.out):
+        try:
+            start = load_state(model, optimizer, tc, checkpoints(tc.out)[-1], rank, world)
+        except ValueError as e:
+            die(str(e))
+    os.makedirs(tc.out, exist_ok=True)
+    log_path = os.path.join(tc.out, "metrics.jsonl")
+    if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
+        lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
+    # 6 flops per weight per token for the matmuls of forward and backward (the embedding lookup is not one),
+    # plus attention; recomputation is not counted (PaLM's convention)
+    n_matmul = n_params - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    flops_per_token = 6 * n_matmul + 12 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * tc.seq_len
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+    if master:
+        print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="
+              f"{mcfg.rope.original_max_position_embeddings}, seq_len {tc.seq_len}, {world} process(es) x "
+              f"{accum} micro-steps x {tc.micro_batch} = {tc.batch_size} sequences per step"
+              f"{f', resuming at step {start}' if start else ''}", file=sys.stderr)
+
+    # 4) the loop: micro-steps, clip, step, log, evaluate, checkpoint
+    # on CUDA, flash attention first; the math kernel (memory O(T^2)) only for shapes no fused one takes
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernels = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                               SDPBackend.MATH], set_priority=True)
+    else:
+        kernels = nullcontext()
+    bar = tqdm(total=tc.steps, initial=start, disable=not master, unit="step", dynamic_ncols=True)
+    with kernels:
+        for step in range(start, tc.steps):
+            t0 = time.perf_counter()
+            lr = get_lr(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                first = step * tc.batch_size + (rank * accum + micro) * tc.micro_batch  # global sample number
+                blocks = torch.stack([train.block(order[g], tc.seq_len) for g in range(first, first + tc.micro_batch)])
+                blocks = blocks.to(device, non_blocking=True)  # (B, T+1)
+                with amp():
+                    loss = model(blocks[:, :-1], blocks[:, 1:]) / accum
+                loss.backward()  # FSDP reduce-scatters (averaging over ranks) in each backward
+                loss_sum += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()  # waits for the step: the timing below is honest
+            dt = time.perf_counter() - t0
+            tokens_per_s = tc.batch_size * tc.seq_len / dt
+            log = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm.item(),
+                   "tokens_per_s": round(tokens_per_s, 1), "time_s": round(dt, 4)}
+            if device.type == "cuda":
+                log["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                if peak:
+                    log["mfu"] = round(tokens_per_s / world * flops_per_token / peak, 4)
+            elif resource:  # the whole process's peak resident memory, in KiB on Linux
+                log["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+                log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
+            if step + 1 == tc.steps:
+                log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log) + "\n")
+                bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
+                bar.update()
+            if tc.save_every and (step + 1) % tc.save_every == 0:
+                save_state(model, optimizer, tc, step + 1, world, master)
+                if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
+                    os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
+    bar.close()
+
+    # 5) the Hugging Face checkpoint
+    export(model, mcfg, tc, tok_files, save_dtype, master)
+    if master:
+        val_loss = log["val_loss"] if start < tc.steps else None
+        print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

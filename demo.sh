@@ -43,9 +43,9 @@ if [ "$quick" = 1 ]; then
 else
   out=${out:-demo-out}
   L=256 S=16 TUNE_LEN=1024 PROMPT_CHARS=0
-  MODEL="--n-layer 6 --n-embd 256 --n-head 8 --n-kv-head 2"
-  PRETRAIN="--steps 1200 --batch-size 32 --micro-batch 16 --warmup 50 --lr 2e-3 --eval-every 200"
-  TUNE="--steps 60 --batch-size 8 --micro-batch 1 --warmup 5 --lr 3e-4"
+  MODEL="--n-layer 4 --n-embd 192 --n-head 6 --n-kv-head 2"
+  PRETRAIN="--steps 400 --batch-size 16 --micro-batch 16 --warmup 30 --lr 2e-3 --eval-every 100"
+  TUNE="--steps 40 --batch-size 8 --micro-batch 1 --warmup 4 --lr 3e-4"
   LENGTHS=256,512,1024,2048,4096 PASSKEY="--lengths 256,1024,2048,4096 --depths 0,0.5,1 --trials 4" EVAL_DOCS=3
 fi
 mkdir -p "$out/results"

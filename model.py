@@ -112,6 +112,22 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same results), faster for one row of input on a multi-core CPU: the
+    shape of every projection while decoding a token. A matrix-vector product runs on one core there
+    (~15 GB/s of weights); cut into row blocks as one batched product, each core streams its share
+    (~28 GB/s on 2 cores), and decoding is bound by reading the weights."""
+
+    def forward(self, x):
+        n = torch.get_num_threads()
+        if (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.bias is None and n > 1 and self.out_features % n == 0 and not torch.is_grad_enabled()):
+            w = self.weight.view(n, -1, self.in_features)                              # (n, N/n, C)
+            y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))      # (n, 1, N/n)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVCache(nn.Module):
     """Keys (already rotated) and values of one layer for positions 0 .. max_len-1, allocated once."""
 
@@ -133,10 +149,10 @@ class Attention(nn.Module):
         super().__init__()
         H, KV, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.n_head, self.n_kv_head, self.head_dim = H, KV, D
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(C, KV * D, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(C, KV * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
+        self.q_proj = Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = Linear(C, KV * D, bias=cfg.attention_bias)
+        self.v_proj = Linear(C, KV * D, bias=cfg.attention_bias)
+        self.o_proj = Linear(H * D, C, bias=cfg.attention_bias)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
@@ -153,6 +169,8 @@ class Attention(nn.Module):
                 mask, causal = causal_lower_right(T, pos + T), False
         if T == 1 and cache is not None and x.device.type == "cpu":
             y = self.decode_attention(q, k, v)
+        elif mask is not None and x.device.type == "cpu":
+            y = self.chunk_attention(q, k, v, pos)
         else:  # enable_gqa: each group of H/KV query heads reads one K/V head, no repeat_interleave copies
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=self.n_head != self.n_kv_head)
@@ -167,6 +185,19 @@ class Attention(nn.Module):
         att = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, KV, G, S), softmax in fp32
         return (att.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)         # (B, KV, G, D) -> (B, H, 1, D)
 
+    def chunk_attention(self, q, k, v, pos, rows=512):
+        """A chunk of T queries after pos cached positions, on CPU. There the bottom-right causal mask is
+        materialised, T x (pos + T) floats, and the flash kernel skips no masked block. Taking the queries
+        `rows` at a time, each slice reads the keys up to its own last position only: the mask shrinks to
+        rows x S, and the work thrown away to a rows x rows triangle per slice (prefill: 1.1-1.4x faster)."""
+        y = torch.empty_like(q)  # (B, H, T, D)
+        for s in range(0, q.size(2), rows):
+            e = min(s + rows, q.size(2))
+            y[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :pos + e], v[:, :, :pos + e],
+                                                          attn_mask=causal_lower_right(e - s, pos + e),
+                                                          enable_gqa=self.n_head != self.n_kv_head)
+        return y
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -174,9 +205,9 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -238,7 +269,7 @@ class Llama(nn.Module):
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)

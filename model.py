@@ -119,13 +119,15 @@ class Linear(nn.Linear):
     (~28 GB/s on 2 cores), and decoding is bound by reading the weights."""
 
     def forward(self, x):
+        if (torch.compiler.is_compiling() or x.numel() != self.in_features or x.device.type != "cpu"
+                or x.dtype != torch.float32 or self.bias is not None or torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
         n = torch.get_num_threads()
-        if (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.bias is None and n > 1 and self.out_features % n == 0 and not torch.is_grad_enabled()):
-            w = self.weight.view(n, -1, self.in_features)                              # (n, N/n, C)
-            y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))      # (n, 1, N/n)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        if n == 1 or self.out_features % n:
+            return F.linear(x, self.weight)
+        w = self.weight.view(n, -1, self.in_features)                                   # (n, N/n, C)
+        y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))           # (n, 1, N/n)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class KVCache(nn.Module):

@@ -535,8 +535,34 @@ def main(argv=None):
         val_loss = log["val_loss"] if start < tc.steps else None
         print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
     if dist.is_initialized():
+        barrier()  # no rank leaves while another still writes or communicates
         dist.destroy_process_group()
 
 
+def run_and_exit(argv=None):
+    """main(), then leave the process without tearing down the interpreter when it was one of several.
+
+    Why: gloo runs each collective on a C++ worker thread, and that thread drops its reference to the
+    collective's tensors a moment *after* the rank waiting on it has moved on. Freeing a tensor that
+    Python knows needs the GIL; an interpreter that is shutting down answers by ending the thread
+    (pthread_exit), which unwinds through a C++ noexcept frame: std::terminate, SIGABRT, after all the
+    work was done. destroy_process_group() cannot join those threads, since DTensor's caches keep the
+    device mesh, and with it the process group, alive until the very end. So once our files are
+    written and closed, each rank of a torchrun job flushes its output and ends with os._exit: the
+    threads end with the process, and no interpreter shutdown runs beside them."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not distributed:
+            raise
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run_and_exit()

@@ -14,9 +14,11 @@ Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...), s
 plain load_state_dict. Rotary embeddings, and every way to scale them, live in rope.py.
 """
 
+import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -496,6 +498,7 @@ class Llama(nn.Module):
             shards[-1].append(name)
             size += nbytes
         path = os.path.abspath(path)
+        check_replaceable(path)
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -549,6 +552,9 @@ def weight_files(path):
                 names = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {index}: {e}") from None
+        for n in names:  # a shard is a file of this directory: no "../", no absolute path, no sub-folder
+            if not isinstance(n, str) or os.path.basename(n) != n or n in (".", "..") or not n.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: {n!r} is not a .safetensors file name of this directory")
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise CheckpointError(f"shard {missing[0]} listed in model.safetensors.index.json is missing")
@@ -579,9 +585,38 @@ def publish_permissions(path):
         os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
+CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
+                             r"|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_replaceable(path):
+    """save_pretrained replaces a checkpoint, never anything else: `path` must not exist, or be a
+    directory holding only the files save_pretrained writes. Raises CheckpointError otherwise."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
+        raise CheckpointError(f"refusing to replace {path}: it is not a checkpoint directory")
+    if os.path.isdir(path):
+        foreign = sorted(n for n in os.listdir(path) if not CHECKPOINT_FILE.fullmatch(n))
+        if foreign:
+            raise CheckpointError(f"refusing to replace {path}: it holds {foreign[0]!r}, which save_pretrained "
+                                  "did not write (save to a new or empty directory)")
+
+
+def exchange_dirs(a, b):
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2, at_fdcwd, rename_exchange = getattr(libc, "renameat2", None), -100, 2
+    return bool(renameat2) and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def replace_dir(src, dst):
-    """Move the finished directory `src` onto `dst` with renames only; an old `dst` is kept aside until
-    the new one is in place, so at every instant one complete checkpoint exists."""
+    """Move the finished directory `src` onto `dst`. Where the system can, the two are exchanged
+    atomically, so `dst` is at every instant the old checkpoint or the new one. Elsewhere, two
+    renames: the old `dst` is first moved aside to .NAME.old-XXXX beside it, where it stays if the
+    process dies before the second rename."""
+    if os.path.isdir(dst) and exchange_dirs(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # now the old checkpoint
+        return
     old = None
     if os.path.exists(dst):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))

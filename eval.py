@@ -29,10 +29,15 @@ and scored in one forward pass (length - 1 predictions), or with --stride, read 
 in windows of `length` tokens that move by the stride, each scoring only its new tokens, so every
 token after the first is scored exactly once. Perplexity = exp(total loss / total scored tokens) over
 the documents. The loss runs in chunks of the vocabulary: memory is linear in the length.
-passkey: filler ("The grass is green. ...") with the line "The pass key is K. Remember it. K is the pass
-key." at the given depth (0 = start, 1 = end), then "What is the pass key? The pass key is"; prompts
-fill each length; keys are random 5-digit numbers; greedy decoding; correct when the first integer of the
-answer is the key.
+passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged: five lines joined
+by newlines, the task line "There is an important info hidden inside a lot of irrelevant text. Find it
+and memorize them. I will quiz you about the important information there.", filler ("The grass is
+green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated, space-separated),
+the key line "The pass key is K. Remember it. K is the pass key.", more filler, and the question "What is
+the pass key? The pass key is". The key line sits after a fraction `depth` of the filler sentences
+(0 = start, 1 = end); as many sentences as fit make the prompt (BOS included) at most each length
+tokens. Keys are random 5-digit numbers; greedy decoding; correct when the first integer of the answer
+is the key.
 
 Output: a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT with .png,
 or --plot FILE) when matplotlib is installed: perplexity against length, one line per method; passkey
@@ -56,6 +61,9 @@ from model import CheckpointError
 from sample import (ArgumentParser, attention_backends, checkpoint_config, describe, die, generate, load_model,
                     note, pick_device, pick_dtype, rope_config)
 
+# the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -141,14 +149,17 @@ def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=No
 # ---- passkey retrieval --------------------------------------------------------------------------------
 
 def passkey_text(n_filler, depth, key):
+    """The five lines of the reference prompt: task, filler, key line, filler, question. As in the
+    reference, an empty filler is an empty line (depth 0 or 1)."""
     before = round(depth * n_filler)
-    parts = [" ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)), QUESTION]
-    return "\n".join(p for p in parts if p)
+    lines = [TASK, " ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)),
+             QUESTION]
+    return "\n".join(lines)
 
 
 def passkey_prompt(tokenizer, length, depth, key):
     """Token ids (BOS first if any) of the passkey prompt with as many filler sentences as fit in
-    `length` tokens, the key line after a fraction `depth` of them."""
+    `length` tokens (never more), the key line after a fraction `depth` of them."""
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
 
     def ids(n):
@@ -156,7 +167,8 @@ def passkey_prompt(tokenizer, length, depth, key):
 
     base, per = len(ids(0)), len(ids(2)) - len(ids(1))  # tokens without filler, and per filler sentence
     if base > length:
-        raise ValueError(f"passkey length {length} is too short: the key line and question alone take {base} tokens")
+        raise ValueError(f"passkey length {length} is too short: the task line, key line and question alone take "
+                         f"{base} tokens")
     n = (length - base) // max(per, 1)  # a near guess: tokenization is almost additive
     while n > 0 and len(ids(n)) > length:
         n -= 1
@@ -344,7 +356,8 @@ def main(argv=None):
     pp.add_argument("--max-docs", type=int, default=None, help="at most this many documents per length")
     pp.add_argument("--max-tokens", type=int, default=None,
                     help="with --stride: score only the first N tokens of each document")
-    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth")
+    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth, with "
+                        "the prompt of Mohtashami & Jaggi (2023) that the YaRN paper uses")
     pk.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")

@@ -22,6 +22,7 @@ Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token i
 
 import argparse
 import contextlib
+import os
 import resource
 import sys
 import time
@@ -216,7 +217,7 @@ def describe(rope):
 
 def checkpoint_config(path):
     """The checkpoint's LlamaConfig from config.json alone (no weights read): checks the path early."""
-    return LlamaConfig.from_hf(read_config(path))
+    return LlamaConfig.from_hf(read_config(path), where=os.path.join(path, "config.json"))
 
 
 def load_model(path, device, dtype):

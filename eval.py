@@ -57,9 +57,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError
+from model import CheckpointError, check_writable
 from sample import (ArgumentParser, attention_backends, checkpoint_config, describe, die, generate, load_model,
-                    note, pick_device, pick_dtype, rope_config)
+                    note, pick_device, pick_dtype, rope_config, run)
 
 # the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -185,7 +185,8 @@ def first_integer(text):
 def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
     """{length: {depth: fraction correct}} over `trials` random keys each, greedy decoding."""
     rng = random.Random(seed)
-    model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
+    if model.cache is None or model.cache.max_len < max(lengths) + PASSKEY_NEW_TOKENS:
+        model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
     results = {}
     with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="prompt", leave=False,
               disable=None) as bar:
@@ -263,17 +264,39 @@ def plot_passkey(results, lengths, depths, path):
     return True
 
 
+def check_ppl_run(run):
+    """Raise ValueError unless `run` has the shape eval.py ppl --json writes."""
+    if not isinstance(run, dict) or run.get("task") != "ppl":
+        raise ValueError("not the output of eval.py ppl --json")
+    lengths, results = run.get("lengths"), run.get("results")
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ValueError('"lengths" must be a list of integers')
+    if not isinstance(results, list) or not results:
+        raise ValueError('"results" must be a non-empty list')
+    for r in results:
+        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("ppl"), dict)):
+            raise ValueError('each result needs a "method" string and a "ppl" object')
+        for n, cell in r["ppl"].items():
+            ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
+                cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
+            if not ok:
+                raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
+
+
 def report(files, out=None):
     """Several ppl runs (e.g. a base model under each method, then the fine-tuned ones) as one table."""
+    if out:
+        check_output(out, "--out")
     runs = []
     for f in files:
         try:
             with open(f) as fh:
                 runs.append(json.load(fh))
-        except (OSError, ValueError) as e:
-            die(f"cannot read {f}: {e}")
-        if runs[-1].get("task") != "ppl":
-            die(f"{f} is not the output of eval.py ppl --json")
+            check_ppl_run(runs[-1])
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        except ValueError as e:  # also json.JSONDecodeError
+            die(f"{f}: {e}")
     lengths = sorted({n for r in runs for n in r["lengths"]})
     results = [res for r in runs for res in r["results"]]
     cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
@@ -293,6 +316,16 @@ def report(files, out=None):
 
 
 # ---- command line -------------------------------------------------------------------------------------
+
+def check_output(path, flag):
+    """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
+    if os.path.isdir(path):
+        die(f"{flag} {path} is a directory: give a file name")
+    try:
+        check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    except ValueError as e:
+        die(str(e))
+
 
 def int_list(s):
     try:
@@ -382,6 +415,9 @@ def main(argv=None):
             die(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
     elif args.trials < 1:
         die(f"--trials must be >= 1, got {args.trials}")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            check_output(path, flag)
     try:
         cfg = checkpoint_config(args.model)
         device = pick_device(args.device)
@@ -436,6 +472,11 @@ def main(argv=None):
                 r = evaluate_ppl(model, docs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
                 results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
             else:
+                need = max(lengths) + PASSKEY_NEW_TOKENS
+                try:
+                    model.setup_cache(1, need)
+                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+                    die(f"cannot allocate the KV cache for {need} tokens on {device}: {str(e).splitlines()[0]}")
                 acc = passkey_accuracy(model, tok, lengths, args.depths, args.trials, args.seed)
                 results.append({"method": label, "rope": asdict(rope),
                                 "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
@@ -474,4 +515,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -588,6 +588,21 @@ def weight_files(path):
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def check_writable(path, flag):
+    """`path` (which may not exist yet) must be a directory we can create files in: checked before
+    the work whose result goes there, not after it. Raises ValueError naming `flag`."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
 def write_json(file, obj):
     with open(file, "w") as f:
         json.dump(obj, f, indent=2)

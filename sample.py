@@ -227,6 +227,11 @@ def load_model(path, device, dtype):
         die(str(e))
 
 
+def cache_bytes(cfg, ctx, dtype):
+    """The KV cache's size before it is allocated: keys and values of every layer, and the token ids."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize + 8 * ctx
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (allocated)"
@@ -279,9 +284,9 @@ def main(argv=None):
         die(str(e))
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available here")
+    if args.ctx is not None and args.ctx < 1:
+        die(f"--ctx must be >= 1, got {args.ctx}")
     ctx = args.ctx or cfg.context_length
-    if ctx < 1:
-        die(f"--ctx must be >= 1, got {ctx}")
     try:
         rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
     except ValueError as e:
@@ -320,7 +325,11 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype)
     model.set_rope(rope)
-    model.setup_cache(1, ctx)
+    try:
+        model.setup_cache(1, ctx)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+        die(f"cannot allocate the KV cache for --ctx {ctx} ({cache_bytes(cfg, ctx, dtype) / 2**30:.1f} GiB) on "
+            f"{device}: {str(e).splitlines()[0]}")
     note(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} "
          f"on {device}; rope {describe(rope)}")
     note(f"KV cache: {ctx} tokens x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x "
@@ -340,5 +349,14 @@ def main(argv=None):
     note(f"peak memory: {peak_memory(device)}")
 
 
+def run(main):
+    """A command's entry point: Ctrl-C is one line and exit code 130 (the shell's code for SIGINT)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

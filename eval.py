@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from model import CheckpointError, check_writable
 from sample import (ArgumentParser, attention_backends, checkpoint_config, describe, die, generate, load_model,
-                    note, pick_device, pick_dtype, rope_config, run)
+                    note, pick_device, pick_dtype, rope_config, run, MAX_POSITIONS)
 
 # the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -332,8 +332,8 @@ def int_list(s):
         values = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected lengths >= 2, got {s!r}")
+    if not values or min(values) < 2 or max(values) > MAX_POSITIONS:
+        raise argparse.ArgumentTypeError(f"expected lengths in [2, {MAX_POSITIONS}], got {s!r}")
     return sorted(set(values))
 
 

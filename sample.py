@@ -33,6 +33,8 @@ import torch
 from model import CheckpointError, Llama, LlamaConfig, read_config
 from rope import DYNAMIC_METHODS, METHODS
 
+MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
+
 
 def die(msg):
     """A user error: one line on stderr and exit code 2, never a traceback."""
@@ -232,6 +234,16 @@ def cache_bytes(cfg, ctx, dtype):
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize + 8 * ctx
 
 
+def memory_bytes(device):
+    """The device's total memory (None if unknown): a request beyond it cannot succeed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (allocated)"
@@ -284,8 +296,8 @@ def main(argv=None):
         die(str(e))
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available here")
-    if args.ctx is not None and args.ctx < 1:
-        die(f"--ctx must be >= 1, got {args.ctx}")
+    if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
+        die(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
     ctx = args.ctx or cfg.context_length
     try:
         rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
@@ -317,12 +329,16 @@ def main(argv=None):
         die(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
     if len(ids) > ctx:
         die(f"the prompt has {len(ids)} tokens, longer than --ctx {ctx}")
+    dtype = pick_dtype(args.dtype, device)
+    need, have = cache_bytes(cfg, ctx, dtype), memory_bytes(device)
+    if have and need > have:
+        die(f"the KV cache for --ctx {ctx} takes {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of "
+            f"{device}: lower --ctx")
     if ctx > cfg.context_length:
         note(f"note: --ctx {ctx} exceeds the {cfg.context_length} tokens this checkpoint was extended to "
              f"({describe(cfg.rope)}); continuing")
 
     # 3) weights, then the KV cache for the whole context, once
-    dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype)
     model.set_rope(rope)
     try:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -512,8 +513,10 @@ def main(argv=None):
             start = load_state(model, optimizer, tc, last, rank, world)
         except ValueError as e:
             die(str(e))
-        except Exception as e:  # a missing or damaged file, another model shape: dcp raises several types
-            die(f"--resume: cannot restore {last}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        except (Exception, CheckpointException) as e:  # a missing or damaged file, another model shape
+            if isinstance(e, CheckpointException):  # dcp wraps each rank's error, traceback included
+                e = next(iter(e.failures.values()))[0]
+            die(f"--resume: cannot restore {last}: " + (str(e).strip().splitlines() or [type(e).__name__])[0])
     os.makedirs(tc.out, exist_ok=True)
     log_path = os.path.join(tc.out, "metrics.jsonl")
     if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
@@ -565,6 +568,7 @@ def main(argv=None):
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_value = loss_sum.item()  # waits for the step: the timing below is honest
             if not (math.isfinite(loss_value) and math.isfinite(norm.item())):  # every rank sees the same values
+                bar.close()
                 die(f"step {step + 1}: loss {loss_value}, gradient norm {norm.item()}: training diverged "
                     f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
             dt = time.perf_counter() - t0
@@ -590,6 +594,7 @@ def main(argv=None):
                 try:
                     save_state(model, optimizer, tc, step + 1, world, master)
                 except OSError as e:  # a full disk: the last complete checkpoint stays
+                    bar.close()
                     die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
                 if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
                     os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint

@@ -58,8 +58,8 @@ import torch
 from tqdm import tqdm
 
 from model import CheckpointError, check_writable
-from sample import (MAX_POSITIONS, ArgumentParser, attention_backends, checkpoint_config, describe, die, generate, load_model,
-                    note, pick_device, pick_dtype, rope_config, run)
+from sample import (MAX_POSITIONS, ArgumentParser, attention_backends, checkpoint_config, describe, die, generate,
+                    load_model, note, pick_device, pick_dtype, rope_config, run)
 
 # the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

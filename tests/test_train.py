@@ -137,6 +137,16 @@ def test_fsdp_in_one_process_and_selective_checkpointing_agree(work, fsdp_out):
     assert "tokens/s over the last 5 steps" in r.stderr
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_fsdp_training_equals_eager(work, fsdp_out, mode):
+    # --compile with FSDP2 (one process) and checkpointing: the losses of the eager runs
+    out = work / f"compiled-{mode}"
+    r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
+                   "--save-every", "0", "--activation-checkpointing", mode, "--compile"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(fsdp_out)), atol=1e-5, rtol=1e-5)
+
+
 def test_resume_after_sigkill_is_exact(work, fsdp_out):
     out = work / "killed"
     args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,

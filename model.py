@@ -451,7 +451,7 @@ class Llama(nn.Module):
         self.cache.attention_factor.fill_(a)
 
     def cache_bytes(self):
-        return sum(b.numel() * b.element_size() for b in self.cache.buffers()) if self.cache else 0
+        return sum(b.numel() * b.element_size() for b in self.cache.layers.buffers()) if self.cache else 0  # K and V
 
     def dynamic_rope_len(self, length):
         """The length a dynamic method scales for once the text is `length` tokens long."""

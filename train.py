@@ -401,24 +401,29 @@ def get_lr(step, tc):
 
 
 class StepMeter:
-    """Turns a step's device tensors into a log line: loss and gradient norm read in one transfer, the
-    step's time, speed and memory. The time is that between two reads; since a step is read after the
-    next one is queued, only the sum of the times is exact, and that is what the summary reports. The
-    first step of a process (compilation, allocator warm-up) is kept out of the summary's speed."""
+    """Times the steps and turns a step's device tensors into a log line (loss and gradient norm read in
+    one transfer, speed, memory), without making the host wait for the GPU: a step's numbers are read
+    once the next step is queued, and its time is measured on the GPU itself, by CUDA events at its start
+    and end (on a CPU, the clock). The first step of a process (compilation, warm-up) is kept out of the
+    summary's speed."""
 
     def __init__(self, tokens_per_step, device, world, flops_per_token, peak_flops):
         self.tokens, self.device, self.world = tokens_per_step, device, world
         self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.cuda = device.type == "cuda"
         self.first, self.steps, self.seconds = None, 0, 0.0  # after the first step: how many, how long
-        self.restart()
 
-    def restart(self):
-        self.t = time.perf_counter()
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def read(self, m):
         loss, norm = torch.stack([m["loss"].float(), m["grad_norm"].float().to(m["loss"].device)]).tolist()
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
+        start, end = m["marks"]
+        dt = start.elapsed_time(end) / 1000 if self.cuda else end - start
         tokens_per_s = self.tokens / dt
         log = {"step": m["step"], "loss": loss, "lr": m["lr"], "grad_norm": norm,
                "tokens_per_s": round(tokens_per_s, 1), "time_s": round(dt, 4)}
@@ -426,7 +431,7 @@ class StepMeter:
             self.first = log["first_step_s"] = round(dt, 4)  # compilation and warm-up included
         else:
             self.steps, self.seconds = self.steps + 1, self.seconds + dt
-        if self.device.type == "cuda":
+        if self.cuda:
             log["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
             if self.peak:
                 log["mfu"] = round(tokens_per_s / self.world * self.flops_per_token / self.peak, 4)
@@ -550,6 +555,7 @@ def main(argv=None):
 
     with kernels:
         for step in range(start, tc.steps):
+            t0 = meter.mark()
             lr = get_lr(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -568,11 +574,12 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            marks = (t0, meter.mark())
             # the previous step is logged now, this one at the next step: reading its numbers waits only
             # for work already done while this step's kernels are queued, so the GPU never runs dry
             if pending:
                 write_log(meter.read(pending))
-            pending = dict(step=step + 1, loss=loss_sum, grad_norm=norm, lr=lr)
+            pending = dict(step=step + 1, loss=loss_sum, grad_norm=norm, lr=lr, marks=marks)
             evaluate_now = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
             save_now = tc.save_every and (step + 1) % tc.save_every == 0
             if evaluate_now or save_now:  # the log is complete up to this step before evaluating or saving
@@ -585,7 +592,6 @@ def main(argv=None):
                     save_state(model, optimizer, tc, step + 1, world, master)
                     if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
                         os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
-                meter.restart()  # evaluating and saving are not training time
     bar.close()
     if master and meter.steps:
         print(meter.summary(), file=sys.stderr)

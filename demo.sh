@@ -39,7 +39,7 @@ if [ "$quick" = 1 ]; then
   MODEL="--n-layer 2 --n-embd 64 --n-head 4 --n-kv-head 2"
   PRETRAIN="--steps 4 --batch-size 4 --micro-batch 4 --warmup 1"
   TUNE="--steps 2 --batch-size 4 --micro-batch 1 --warmup 1 --lr 1e-3"
-  LENGTHS=64,128,256 PASSKEY="--lengths 64,256 --depths 0.5 --trials 1" EVAL_DOCS=1
+  LENGTHS=64,128,256 PASSKEY="--lengths 128,256 --depths 0.5 --trials 1" EVAL_DOCS=1
 else
   out=${out:-demo-out}
   L=256 S=16 TUNE_LEN=1024 PROMPT_CHARS=0

@@ -29,10 +29,15 @@ and scored in one forward pass (length - 1 predictions), or with --stride, read 
 in windows of `length` tokens that move by the stride, each scoring only its new tokens, so every
 token after the first is scored exactly once. Perplexity = exp(total loss / total scored tokens) over
 the documents. The loss runs in chunks of the vocabulary: memory is linear in the length.
-passkey: filler ("The grass is green. ...") with the line "The pass key is K. Remember it. K is the pass
-key." at the given depth (0 = start, 1 = end), then "What is the pass key? The pass key is"; prompts
-fill each length; keys are random 5-digit numbers; greedy decoding; correct when the first integer of the
-answer is the key.
+passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged: five lines joined
+by newlines, the task line "There is an important info hidden inside a lot of irrelevant text. Find it
+and memorize them. I will quiz you about the important information there.", filler ("The grass is
+green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated, space-separated),
+the key line "The pass key is K. Remember it. K is the pass key.", more filler, and the question "What is
+the pass key? The pass key is". The key line sits after a fraction `depth` of the filler sentences
+(0 = start, 1 = end); as many sentences as fit make the prompt (BOS included) at most each length
+tokens. Keys are random 5-digit numbers; greedy decoding; correct when the first integer of the answer
+is the key.
 
 Output: a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT with .png,
 or --plot FILE) when matplotlib is installed: perplexity against length, one line per method; passkey
@@ -52,10 +57,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError
-from sample import (ArgumentParser, attention_backends, checkpoint_config, describe, die, generate, load_model,
-                    note, pick_device, pick_dtype, rope_config)
+from model import CheckpointError, check_writable
+from sample import (MAX_POSITIONS, ArgumentParser, attention_backends, checkpoint_config, describe, die, generate,
+                    load_model, note, pick_device, pick_dtype, rope_config, run)
 
+# the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -141,14 +149,17 @@ def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=No
 # ---- passkey retrieval --------------------------------------------------------------------------------
 
 def passkey_text(n_filler, depth, key):
+    """The five lines of the reference prompt: task, filler, key line, filler, question. As in the
+    reference, an empty filler is an empty line (depth 0 or 1)."""
     before = round(depth * n_filler)
-    parts = [" ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)), QUESTION]
-    return "\n".join(p for p in parts if p)
+    lines = [TASK, " ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)),
+             QUESTION]
+    return "\n".join(lines)
 
 
 def passkey_prompt(tokenizer, length, depth, key):
     """Token ids (BOS first if any) of the passkey prompt with as many filler sentences as fit in
-    `length` tokens, the key line after a fraction `depth` of them."""
+    `length` tokens (never more), the key line after a fraction `depth` of them."""
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
 
     def ids(n):
@@ -156,7 +167,8 @@ def passkey_prompt(tokenizer, length, depth, key):
 
     base, per = len(ids(0)), len(ids(2)) - len(ids(1))  # tokens without filler, and per filler sentence
     if base > length:
-        raise ValueError(f"passkey length {length} is too short: the key line and question alone take {base} tokens")
+        raise ValueError(f"passkey length {length} is too short: the task line, key line and question alone take "
+                         f"{base} tokens")
     n = (length - base) // max(per, 1)  # a near guess: tokenization is almost additive
     while n > 0 and len(ids(n)) > length:
         n -= 1
@@ -173,7 +185,8 @@ def first_integer(text):
 def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
     """{length: {depth: fraction correct}} over `trials` random keys each, greedy decoding."""
     rng = random.Random(seed)
-    model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
+    if model.cache is None or model.cache.max_len < max(lengths) + PASSKEY_NEW_TOKENS:
+        model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
     results = {}
     with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="prompt", leave=False,
               disable=None) as bar:
@@ -251,17 +264,39 @@ def plot_passkey(results, lengths, depths, path):
     return True
 
 
+def check_ppl_run(run):
+    """Raise ValueError unless `run` has the shape eval.py ppl --json writes."""
+    if not isinstance(run, dict) or run.get("task") != "ppl":
+        raise ValueError("not the output of eval.py ppl --json")
+    lengths, results = run.get("lengths"), run.get("results")
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ValueError('"lengths" must be a list of integers')
+    if not isinstance(results, list) or not results:
+        raise ValueError('"results" must be a non-empty list')
+    for r in results:
+        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("ppl"), dict)):
+            raise ValueError('each result needs a "method" string and a "ppl" object')
+        for n, cell in r["ppl"].items():
+            ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
+                cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
+            if not ok:
+                raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
+
+
 def report(files, out=None):
     """Several ppl runs (e.g. a base model under each method, then the fine-tuned ones) as one table."""
+    if out:
+        check_output(out, "--out")
     runs = []
     for f in files:
         try:
             with open(f) as fh:
                 runs.append(json.load(fh))
-        except (OSError, ValueError) as e:
-            die(f"cannot read {f}: {e}")
-        if runs[-1].get("task") != "ppl":
-            die(f"{f} is not the output of eval.py ppl --json")
+            check_ppl_run(runs[-1])
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        except ValueError as e:  # also json.JSONDecodeError
+            die(f"{f}: {e}")
     lengths = sorted({n for r in runs for n in r["lengths"]})
     results = [res for r in runs for res in r["results"]]
     cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
@@ -282,13 +317,23 @@ def report(files, out=None):
 
 # ---- command line -------------------------------------------------------------------------------------
 
+def check_output(path, flag):
+    """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
+    if os.path.isdir(path):
+        die(f"{flag} {path} is a directory: give a file name")
+    try:
+        check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    except ValueError as e:
+        die(str(e))
+
+
 def int_list(s):
     try:
         values = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected lengths >= 2, got {s!r}")
+    if not values or min(values) < 2 or max(values) > MAX_POSITIONS:
+        raise argparse.ArgumentTypeError(f"expected lengths in [2, {MAX_POSITIONS}], got {s!r}")
     return sorted(set(values))
 
 
@@ -344,7 +389,8 @@ def main(argv=None):
     pp.add_argument("--max-docs", type=int, default=None, help="at most this many documents per length")
     pp.add_argument("--max-tokens", type=int, default=None,
                     help="with --stride: score only the first N tokens of each document")
-    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth")
+    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth, with "
+                        "the prompt of Mohtashami & Jaggi (2023) that the YaRN paper uses")
     pk.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
@@ -369,6 +415,9 @@ def main(argv=None):
             die(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
     elif args.trials < 1:
         die(f"--trials must be >= 1, got {args.trials}")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            check_output(path, flag)
     try:
         cfg = checkpoint_config(args.model)
         device = pick_device(args.device)
@@ -423,6 +472,11 @@ def main(argv=None):
                 r = evaluate_ppl(model, docs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
                 results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
             else:
+                need = max(lengths) + PASSKEY_NEW_TOKENS
+                try:
+                    model.setup_cache(1, need)
+                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+                    die(f"cannot allocate the KV cache for {need} tokens on {device}: {str(e).splitlines()[0]}")
                 acc = passkey_accuracy(model, tok, lengths, args.depths, args.trials, args.seed)
                 results.append({"method": label, "rope": asdict(rope),
                                 "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
@@ -461,4 +515,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

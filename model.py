@@ -14,13 +14,15 @@ Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...), s
 plain load_state_dict. Rotary embeddings, and every way to scale them, live in rope.py.
 """
 
+import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from rope import RopeConfig, apply_rope, inv_freq_and_scale, rope_cos_sin
+from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_scale, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -57,7 +59,25 @@ class LlamaConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads"):
+            check_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.hidden_size < self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is smaller than num_attention_heads "
+                                 f"{self.num_attention_heads}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        check_int("head_dim", self.head_dim)
+        if not check_number("rms_norm_eps", self.rms_norm_eps) > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):  # eos may list several ids (Llama 3.1 instruct)
+            ids = getattr(self, name)
+            for i in ids if isinstance(ids, list) and name == "eos_token_id" else [ids]:
+                if i is not None:
+                    check_int(name, i, low=0)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.rope.head_dim != self.head_dim:
@@ -69,28 +89,32 @@ class LlamaConfig:
         return int(self.rope.factor * self.rope.original_max_position_embeddings)
 
     @classmethod
-    def from_hf(cls, hf, rope_scaling=...):
+    def from_hf(cls, hf, rope_scaling=..., where="config.json"):
+        """The config of a Hugging Face config.json dict; every value is checked for its type and range,
+        and a bad one is a CheckpointError naming `where` (the file) and the key."""
         model_type = hf.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"unsupported model_type {model_type!r}: this is a Llama/Mistral-family "
+            raise CheckpointError(f"{where}: unsupported model_type {model_type!r}: this is a Llama/Mistral-family "
                                   f"model implementation ({', '.join(SUPPORTED_MODEL_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
-        if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-            print(f"warning: sliding_window={hf['sliding_window']} is ignored: attention here is full causal",
-                  file=sys.stderr)
+            raise CheckpointError(f"{where}: unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
         try:
             for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
                 hf[key]  # the shape of the model: never guess it
             names = [n for n in cls.__dataclass_fields__ if n not in ("rope", "model_type", "head_dim")]
             kw = {n: hf[n] for n in names if n in hf}
-            kw["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-            return cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type,
-                       rope=RopeConfig.from_hf(hf, rope_scaling))
+            if hf.get("num_key_value_heads") is None:
+                kw["num_key_value_heads"] = hf["num_attention_heads"]
+            cfg = cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type)  # the shape, checked first
+            cfg = replace(cfg, rope=RopeConfig.from_hf(hf, rope_scaling))
+            window = hf.get("sliding_window")
+            if window is not None and check_int("sliding_window", window) < hf.get("max_position_embeddings", 0):
+                print(f"warning: sliding_window={window} is ignored: attention here is full causal", file=sys.stderr)
+            return cfg
         except KeyError as e:
-            raise CheckpointError(f"config.json is missing {e.args[0]!r}") from None
+            raise CheckpointError(f"{where} is missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"config.json: {e}") from None
+            raise CheckpointError(f"{where}: {e}") from None
 
     def to_hf(self, dtype=torch.float32):
         out = {"architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
@@ -530,7 +554,7 @@ class Llama(nn.Module):
         (load_state_dict(assign=True)), so the weights are never held twice. dtype None keeps the
         stored dtype. rope_scaling (a Hugging Face-style dict, None for plain RoPE) overrides the file's."""
         hf = read_config(path)
-        cfg = LlamaConfig.from_hf(hf, rope_scaling)
+        cfg = LlamaConfig.from_hf(hf, rope_scaling, where=os.path.join(path, "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
         expected = dict(model.state_dict())
@@ -552,6 +576,9 @@ class Llama(nn.Module):
                         if t.shape != expected[name].shape:
                             raise CheckpointError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
                                                   f"{tuple(expected[name].shape)} expected from config.json")
+                        if t.is_floating_point() and not torch.isfinite(t).all():
+                            raise CheckpointError(f"{os.path.basename(file)}: {name} holds NaN or infinite values "
+                                                  "(a diverged or damaged checkpoint)")
                         shard[name] = t.to(dtype) if dtype else t
             except CheckpointError:
                 raise
@@ -589,6 +616,7 @@ class Llama(nn.Module):
             shards[-1].append(name)
             size += nbytes
         path = os.path.abspath(path)
+        check_replaceable(path)
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -639,9 +667,13 @@ def weight_files(path):
     if os.path.isfile(index):
         try:
             with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
+                names = list(json.load(f)["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {index}: {e}") from None
+        for n in names:  # a shard is a file of this directory: no "../", no absolute path, no sub-folder
+            if not isinstance(n, str) or os.path.basename(n) != n or n in (".", "..") or not n.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: {n!r} is not a .safetensors file name of this directory")
+        names = sorted(set(names))
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise CheckpointError(f"shard {missing[0]} listed in model.safetensors.index.json is missing")
@@ -654,6 +686,21 @@ def weight_files(path):
         raise CheckpointError(f"{path} holds only pickle weights ({pickles[0]}); refusing to unpickle "
                               "(it can run arbitrary code): convert the checkpoint to safetensors first")
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def check_writable(path, flag):
+    """`path` (which may not exist yet) must be a directory we can create files in: checked before
+    the work whose result goes there, not after it. Raises ValueError naming `flag`."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def write_json(file, obj):
@@ -672,9 +719,38 @@ def publish_permissions(path):
         os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
+CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
+                             r"|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_replaceable(path):
+    """save_pretrained replaces a checkpoint, never anything else: `path` must not exist, or be a
+    directory holding only the files save_pretrained writes. Raises CheckpointError otherwise."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
+        raise CheckpointError(f"refusing to replace {path}: it is not a checkpoint directory")
+    if os.path.isdir(path):
+        foreign = sorted(n for n in os.listdir(path) if not CHECKPOINT_FILE.fullmatch(n))
+        if foreign:
+            raise CheckpointError(f"refusing to replace {path}: it holds {foreign[0]!r}, which save_pretrained "
+                                  "did not write (save to a new or empty directory)")
+
+
+def exchange_dirs(a, b):
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2, at_fdcwd, rename_exchange = getattr(libc, "renameat2", None), -100, 2
+    return bool(renameat2) and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def replace_dir(src, dst):
-    """Move the finished directory `src` onto `dst` with renames only; an old `dst` is kept aside until
-    the new one is in place, so at every instant one complete checkpoint exists."""
+    """Move the finished directory `src` onto `dst`. Where the system can, the two are exchanged
+    atomically, so `dst` is at every instant the old checkpoint or the new one. Elsewhere, two
+    renames: the old `dst` is first moved aside to .NAME.old-XXXX beside it, where it stays if the
+    process dies before the second rename."""
+    if os.path.isdir(dst) and exchange_dirs(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # now the old checkpoint
+        return
     old = None
     if os.path.exists(dst):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))

@@ -47,6 +47,22 @@ _FROM_HF_TYPE = {"default": "none", "none": "none", "linear": "linear", "dynamic
                  "yarn": "yarn", "llama3": "llama3"}
 
 
+def check_int(name, value, low=1):
+    """`value` if it is a real integer (not a bool, a float or a string) >= low, else a ValueError
+    that names it: config files and flags are checked where they are read."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def check_number(name, value):
+    """`value` if it is a finite real number (an int or a float, not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 @dataclass
 class RopeConfig:
     method: str = "none"          # one of METHODS
@@ -65,18 +81,24 @@ class RopeConfig:
 
     def __post_init__(self):
         for f in ("theta", "factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
-            if not isinstance(getattr(self, f), (int, float)) or isinstance(getattr(self, f), bool):
-                raise ValueError(f"RoPE {f} must be a number, got {getattr(self, f)!r}")
+            check_number(f"RoPE {f}", getattr(self, f))
         if self.method not in METHODS:
             raise ValueError(f"unknown RoPE method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.head_dim <= 0 or self.head_dim % 2:
+        if check_int("RoPE head_dim", self.head_dim) % 2:
             raise ValueError(f"RoPE head_dim must be a positive even number, got {self.head_dim}")
-        if not self.theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {self.theta}")
+        if not self.theta > 1:  # ln(b) divides in the by-parts ramp; b <= 1 has no frequencies to speak of
+            raise ValueError(f"rope_theta must be a finite number > 1, got {self.theta}")
         if not self.factor >= 1:
-            raise ValueError(f"RoPE scaling factor must be >= 1, got {self.factor}")
-        if self.original_max_position_embeddings <= 0:
-            raise ValueError("original_max_position_embeddings must be positive")
+            raise ValueError(f"RoPE scaling factor must be >= 1 (and finite), got {self.factor}")
+        check_int("original_max_position_embeddings", self.original_max_position_embeddings)
+        for f in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"RoPE {f} must be > 0, got {getattr(self, f)}")
+        for f in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(self, f) is not None and not check_number(f"RoPE {f}", getattr(self, f)) > 0:
+                raise ValueError(f"RoPE {f} must be > 0, got {getattr(self, f)}")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"RoPE truncate must be true or false, got {self.truncate!r}")
         if self.method == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError("llama3 RoPE needs high_freq_factor > low_freq_factor")
 
@@ -97,7 +119,7 @@ class RopeConfig:
         params = config.get("rope_parameters") or {}
         if not isinstance(params, dict):
             raise ValueError("rope_parameters in config.json must be a dict")
-        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        theta = check_number("rope_theta", params.get("rope_theta", config.get("rope_theta", 10000.0)))
         file_scaling = config.get("rope_scaling") or params
         scaling = file_scaling if rope_scaling is ... else (rope_scaling or {})
         if not isinstance(scaling, dict):
@@ -105,7 +127,7 @@ class RopeConfig:
         if scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported (Llama rotates every dim)")
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        max_pos = config.get("max_position_embeddings", 4096)
+        max_pos = check_int("max_position_embeddings", config.get("max_position_embeddings", 4096))
 
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         method = _FROM_HF_TYPE.get(kind, kind)
@@ -121,7 +143,10 @@ class RopeConfig:
         key = "original_max_position_embeddings"
         L = ((scaling.get(key) if scaling is not file_scaling else None) or config.get(key)
              or (file_scaling or {}).get(key) or max_pos)
+        check_int(key, L)
         factor = scaling.get("factor")
+        if factor is not None:
+            check_number("rope_scaling factor", factor)
         if method == "none":
             factor = 1.0
         elif factor is None:

@@ -24,6 +24,7 @@ Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token i
 
 import argparse
 import contextlib
+import os
 import resource
 import sys
 import time
@@ -33,6 +34,8 @@ import torch
 
 from model import CheckpointError, Llama, LlamaConfig, read_config
 from rope import DYNAMIC_METHODS, METHODS
+
+MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
 
 
 def die(msg):
@@ -223,7 +226,7 @@ def describe(rope):
 
 def checkpoint_config(path):
     """The checkpoint's LlamaConfig from config.json alone (no weights read): checks the path early."""
-    return LlamaConfig.from_hf(read_config(path))
+    return LlamaConfig.from_hf(read_config(path), where=os.path.join(path, "config.json"))
 
 
 def load_model(path, device, dtype):
@@ -231,6 +234,21 @@ def load_model(path, device, dtype):
         return Llama.from_pretrained(path, dtype=dtype, device=device)
     except (CheckpointError, FileNotFoundError) as e:
         die(str(e))
+
+
+def cache_bytes(cfg, ctx, dtype):
+    """The KV cache's size before it is allocated: keys and values of every layer, and the token ids."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize + 8 * ctx
+
+
+def memory_bytes(device):
+    """The device's total memory (None if unknown): a request beyond it cannot succeed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def compile_decode(model):
@@ -303,9 +321,9 @@ def main(argv=None):
         die(str(e))
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available here")
+    if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
+        die(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
     ctx = args.ctx or cfg.context_length
-    if ctx < 1:
-        die(f"--ctx must be >= 1, got {ctx}")
     try:
         rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
     except ValueError as e:
@@ -336,15 +354,23 @@ def main(argv=None):
         die(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
     if len(ids) > ctx:
         die(f"the prompt has {len(ids)} tokens, longer than --ctx {ctx}")
+    dtype = pick_dtype(args.dtype, device)
+    need, have = cache_bytes(cfg, ctx, dtype), memory_bytes(device)
+    if have and need > have:
+        die(f"the KV cache for --ctx {ctx} takes {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of "
+            f"{device}: lower --ctx")
     if ctx > cfg.context_length:
         note(f"note: --ctx {ctx} exceeds the {cfg.context_length} tokens this checkpoint was extended to "
              f"({describe(cfg.rope)}); continuing")
 
     # 3) weights, then the KV cache for the whole context, once
-    dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype)
     model.set_rope(rope)
-    model.setup_cache(1, ctx)
+    try:
+        model.setup_cache(1, ctx)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+        die(f"cannot allocate the KV cache for --ctx {ctx} ({cache_bytes(cfg, ctx, dtype) / 2**30:.1f} GiB) on "
+            f"{device}: {str(e).splitlines()[0]}")
     note(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} "
          f"on {device}; rope {describe(rope)}")
     note(f"KV cache: {ctx} tokens x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x "
@@ -365,5 +391,14 @@ def main(argv=None):
     note(f"peak memory: {peak_memory(device)}")
 
 
+def run(main):
+    """A command's entry point: Ctrl-C is one line and exit code 130 (the shell's code for SIGINT)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

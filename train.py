@@ -29,13 +29,11 @@ import shutil
 import signal
 import sys
 import time
-import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -47,7 +45,8 @@ except ImportError:
     resource = None
 
 from data.prepare import PackedData, load_tokenizer, read_meta
-from model import CHECKPOINTING, CheckpointError, Llama, LlamaConfig, read_config, weight_files, write_json
+from model import (CHECKPOINT_FILE, CHECKPOINTING, CheckpointError, Llama, LlamaConfig, check_writable, read_config,
+                   weight_files, write_json)
 from rope import METHODS, RopeConfig
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
@@ -130,14 +129,45 @@ def die(msg):
 
 # ---- checking the flags against the checkpoint and the data --------------------------------------------
 
+def check_flags(tc):
+    """Each flag's own range, before anything is read: a value that would train silently wrong (a negative
+    clip ascends the loss, lr inf exports NaN, batch 0 trains nothing) is refused like one that would crash."""
+    def at_least(low, *names):
+        for name in names:
+            value = getattr(tc, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+    def finite(name, low, above=False):
+        value = getattr(tc, name)
+        if value is not None and not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
+                             f"got {value}")
+
+    at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
+             "intermediate_size", "original_ctx")
+    at_least(0, "warmup", "save_every", "eval_every")
+    finite("yarn_scale", 1)
+    finite("rope_factor", 1)
+    finite("lr", 0, above=True)
+    finite("grad_clip", 0)
+    finite("weight_decay", 0)
+    finite("rope_theta", 1, above=True)
+    if tc.init == "scratch":
+        if tc.n_embd % tc.n_head or (tc.n_embd // tc.n_head) % 2:
+            raise ValueError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
+        if tc.n_kv_head and tc.n_head % tc.n_kv_head:
+            raise ValueError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
+    check_writable(tc.out, "--out")
+
+
 def resolve(tc, world):
     """Fill the defaults that depend on the checkpoint and the data, and reject what cannot work.
     Returns the model config and the tokenizer files to ship with it; raises ValueError."""
     if not tc.init or not tc.data:
         raise ValueError("--init (a checkpoint directory, or 'scratch') and --data are required")
+    check_flags(tc)
     if tc.yarn_scale is not None:
-        if not tc.yarn_scale >= 1:
-            raise ValueError(f"--yarn-scale must be >= 1, got {tc.yarn_scale}")
         if tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale):
             raise ValueError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
         tc.rope, tc.rope_factor = "yarn", tc.yarn_scale
@@ -164,8 +194,8 @@ def resolve(tc, world):
                            eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope)
         tok_files = list(tok.files)
     else:
-        base = LlamaConfig.from_hf(read_config(tc.init))
-        weight_files(tc.init)  # no weights, or only pickles: fail now rather than after start-up
+        base = LlamaConfig.from_hf(read_config(tc.init), where=os.path.join(tc.init, "config.json"))
+        check_shapes(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
         L = tc.original_ctx or base.rope.original_max_position_embeddings
         if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
             rope = base.rope.replace(original_max_position_embeddings=L)
@@ -185,6 +215,7 @@ def resolve(tc, world):
             raise ValueError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
                              f"the model's vocabulary is {mcfg.vocab_size}")
 
+    json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     tc.seq_len = tc.seq_len or int(rope.factor * rope.original_max_position_embeddings)
     if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
         raise ValueError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
@@ -201,7 +232,76 @@ def resolve(tc, world):
     tc.lr_schedule = tc.lr_schedule or ("cosine" if scratch else "constant")
     if tc.activation_checkpointing is None:
         tc.activation_checkpointing = "selective" if tc.seq_len >= 2048 else "none"
+    for file in tok_files:
+        check_side_file(file)
     return mcfg, tok_files
+
+
+def check_side_file(file):
+    """A tokenizer file we copy into --out must be a file of its own directory. A symbolic link is
+    followed only inside that directory, or, for a Hugging Face hub cache snapshot
+    (.../snapshots/REV/tokenizer.model -> ../../blobs/HASH), into that repository's blobs/. Anything
+    else could make us copy a private file from elsewhere into the output."""
+    if not os.path.islink(file):
+        return
+    folder = os.path.realpath(os.path.dirname(file))
+    allowed = [folder]
+    if os.path.basename(os.path.dirname(folder)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(folder)), "blobs"))
+    target = os.path.realpath(file)
+    if not any(os.path.commonpath([target, root]) == root for root in allowed):
+        raise ValueError(f"{file} is a symbolic link to {target}, outside its checkpoint: refusing to copy it "
+                         "(put the file itself there)")
+
+
+def check_out(tc):
+    """--out is new, empty, or the directory of an earlier train.py run (it has metrics.jsonl): nothing
+    else of the user's is ever overwritten or deleted there."""
+    out = tc.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out):
+        names = [n for n in os.listdir(out) if n not in (".lock", ".export", ".export.tmp")]  # ours, hidden
+        if names and "metrics.jsonl" not in names:
+            raise ValueError(f"--out {out} is not empty and not the output of a train.py run (no metrics.jsonl): "
+                             "pick a new or empty directory")
+        if tc.init != "scratch" and os.path.isdir(tc.init) and os.path.samefile(tc.init, out):
+            raise ValueError("--out must not be the --init checkpoint")
+
+
+def lock_out(out):
+    """One run per --out: an exclusive lock on out/.lock, held until the process ends (the kernel drops
+    it even after SIGKILL). Returns the open file, or None if another run holds the lock."""
+    import fcntl
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def check_shapes(mcfg, path):
+    """Every tensor of the checkpoint, from the safetensors headers alone, against the shapes config.json
+    implies: a wrong shape (or a vocabulary too large to allocate) is found before any memory is."""
+    from safetensors import safe_open
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Llama(mcfg).state_dict().items()}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own types for damaged files
+            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+        for name, shape in shapes.items():
+            if name in expected and shape != expected[name]:
+                raise CheckpointError(f"{file}: {name} has shape {shape}, {os.path.join(path, 'config.json')} "
+                                      f"implies {expected[name]}")
 
 
 # ---- model: built on meta, sharded, materialised, then filled -----------------------------------------
@@ -270,6 +370,8 @@ def fill_weights(model, named_tensors, where):
         dst = params.pop(name)
         if t.shape != dst.shape:
             raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(dst.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values (a diverged or damaged checkpoint)")
         if isinstance(dst, DTensor):
             t = distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None)
         dst.copy_(t)
@@ -278,8 +380,8 @@ def fill_weights(model, named_tensors, where):
 
 
 def export(model, mcfg, tc, tok_files, save_dtype, master):
-    """Write the Hugging Face checkpoint into --out. Files go in by rename, config.json last, so a
-    directory with a config.json always holds a complete checkpoint."""
+    """Write the Hugging Face checkpoint into --out: first complete in out/.export (weights, config.json,
+    tokenizer files), then published into out by renames, config.json last (see publish_export)."""
     if dist.is_initialized():  # a collective: every rank sends its shards, rank 0 gets full CPU tensors
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
@@ -291,21 +393,38 @@ def export(model, mcfg, tc, tok_files, save_dtype, master):
     plain.load_state_dict({k: v.to("cpu", save_dtype) for k, v in state.items()}, assign=True, strict=False)
     if mcfg.tie_word_embeddings:
         plain.lm_head.weight = plain.model.embed_tokens.weight
-    tmp = plain.save_pretrained(os.path.join(tc.out, ".export"))
+    staging, staged = os.path.join(tc.out, ".export.tmp"), os.path.join(tc.out, ".export")
+    shutil.rmtree(staging, ignore_errors=True)  # debris of an export that was killed
+    plain.save_pretrained(staging)
     for src in tok_files:
-        shutil.copy(src, tmp)
-    if os.path.exists(os.path.join(tc.out, "config.json")):
-        os.remove(os.path.join(tc.out, "config.json"))
-    for name in os.listdir(tc.out):  # weights of an earlier export, maybe sharded differently
-        if name.startswith("model") and name.endswith((".safetensors", ".json")):
-            os.remove(os.path.join(tc.out, name))
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-    for name in names:
-        os.replace(os.path.join(tmp, name), os.path.join(tc.out, name))
-    os.rmdir(tmp)
+        shutil.copyfile(src, os.path.join(staging, os.path.basename(src)))
+    os.rename(staging, staged)  # out/.export exists: it is complete
+    publish_export(tc.out)
+
+
+def publish_export(out):
+    """Move the complete checkpoint of out/.export into out. config.json goes first out and last in, so
+    out holds a config.json only beside the weights it describes; weights of an earlier export that the
+    new one does not overwrite (another sharding) are removed, nothing else is. Killed halfway, out has no
+    config.json and .export holds the rest: the next train.py on this --out finishes the job."""
+    staged = os.path.join(out, ".export")
+    new = set(os.listdir(staged))
+    if os.path.exists(os.path.join(out, "config.json")):
+        os.remove(os.path.join(out, "config.json"))
+    for name in os.listdir(out):
+        if CHECKPOINT_FILE.fullmatch(name) and name not in new:
+            os.remove(os.path.join(out, name))
+    for name in sorted(new, key=lambda n: n == "config.json"):
+        os.replace(os.path.join(staged, name), os.path.join(out, name))
+    os.rmdir(staged)
 
 
 # ---- resumable training state --------------------------------------------------------------------------
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def barrier():
     if dist.is_initialized():
@@ -318,18 +437,38 @@ def checkpoints(out):
     return [os.path.join(folder, n) for n in names]
 
 
-def save_state(model, optimizer, tc, step, world, master):
-    """Model and optimizer (each rank writes its shards: torch.distributed.checkpoint), the step (which
-    is the data position and the schedule), the RNG of every rank. Written to a temporary directory
-    renamed to checkpoints/step-N, so a step-N directory is always complete; older ones go after."""
+def local(t):
+    """This rank's part of a tensor: its shard of a DTensor (FSDP2 splits dim 0), or all of a plain one."""
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().to("cpu").contiguous()
+
+
+def state_tensors(model, optimizer):
+    """Every tensor of the training state under one flat name, as the model and optimizer hold it now:
+    model/<weight> and optim/<weight>/<exp_avg|exp_avg_sq|step>. A tied head is the embedding: once."""
+    model_state, optim_state = get_state_dict(model, optimizer)  # creates AdamW's state if it has none yet
+    tensors = {f"model/{k}": v for k, v in model_state.items()
+               if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    for name, st in optim_state["state"].items():
+        tensors.update({f"optim/{name}/{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
+    return tensors, model_state, optim_state
+
+
+def save_state(model, optimizer, tc, step, rank, world, master):
+    """The resumable state, in files that hold only data: each rank writes its shards of the model and
+    optimizer to rank-R-of-W.safetensors, rank 0 the step (which is the data position and the schedule),
+    the RNG of every rank and the run's flags to train_state.json. (torch.distributed.checkpoint would
+    do the sharding for us, but its metadata is a pickle, and loading a pickle can run code.)
+    Written to a temporary directory renamed to checkpoints/step-N, so a step-N directory is always
+    complete; older ones go after."""
+    from safetensors.torch import save_file
     folder = os.path.join(tc.out, "checkpoints")
     tmp, final = os.path.join(folder, f".step-{step:06d}.tmp"), os.path.join(folder, f"step-{step:06d}")
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
         os.makedirs(tmp)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world == 1)
+    tensors, _, _ = state_tensors(model, optimizer)
+    save_file({k: local(v) for k, v in tensors.items()}, os.path.join(tmp, f"rank-{rank:05d}-of-{world:05d}.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -339,9 +478,12 @@ def save_state(model, optimizer, tc, step, world, master):
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    barrier()  # every rank's file is written
     if master:
+        sharded = sorted(k for k, v in tensors.items() if isinstance(v, DTensor))
         write_json(os.path.join(tmp, "train_state.json"), {"step": step, "samples": step * tc.batch_size,
-                                                           "world": world, "rng": rngs, "config": asdict(tc)})
+                                                           "world": world, "sharded": sharded, "rng": rngs,
+                                                           "config": asdict(tc)})
         old = checkpoints(tc.out)
         os.rename(tmp, final)
         for path in old:  # rename first: a half-deleted directory never looks like a checkpoint
@@ -352,26 +494,57 @@ def save_state(model, optimizer, tc, step, world, master):
 
 
 RESUME_MUST_MATCH = ("init", "data", "seq_len", "batch_size", "rope", "rope_factor", "original_ctx", "seed", "lr",
-                     "lr_schedule", "warmup")
+                     "lr_schedule", "warmup", "weight_decay")
 
 
 def load_state(model, optimizer, tc, path, rank, world):
-    with open(os.path.join(path, "train_state.json")) as f:
-        state = json.load(f)
+    """Read a checkpoint of save_state into this run, whatever its world size: each tensor is put
+    together from the shards of every rank that wrote it (dim 0, in rank order), and this rank keeps its
+    own part. Raises CheckpointError (one line) for anything that does not fit."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            state = json.load(f)
+        step, old_world, sharded, config = state["step"], state["world"], set(state["sharded"]), state["config"]
+        if not (isinstance(step, int) and isinstance(old_world, int) and step >= 0 and old_world >= 1):
+            raise ValueError("step and world must be non-negative integers")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--resume: unreadable {path}/train_state.json ({e})") from None
     for key in RESUME_MUST_MATCH:
-        if state["config"][key] != getattr(tc, key):
-            raise ValueError(f"--resume: --{key.replace('_', '-')} was {state['config'][key]} in {path}, "
-                             f"now {getattr(tc, key)}")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    both = {"model": model_state, "optim": optim_state}
-    dcp.load(both, checkpoint_id=path, no_dist=world == 1)  # in place, into this rank's shards (any world size)
-    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
-    if state["world"] == world:  # the same ranks: the same random streams
-        rng = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8) for k, v in state["rng"][rank].items()}
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
+        if config.get(key) != getattr(tc, key):
+            raise CheckpointError(f"--resume: --{key.replace('_', '-')} was {config.get(key)} in {path}, "
+                                  f"now {getattr(tc, key)}")
+    tensors, model_state, optim_state = state_tensors(model, optimizer)
+    files = [os.path.join(path, f"rank-{r:05d}-of-{old_world:05d}.safetensors") for r in range(old_world)]
+    try:
+        opened = [safe_open(f, framework="pt", device="cpu") for f in files]
+        for name, dst in tensors.items():
+            parts = [f.get_tensor(name) for f in (opened if name in sharded else opened[:1])]
+            full = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if full.shape != dst.shape:
+                raise CheckpointError(f"--resume: {name} has shape {tuple(full.shape)} in {path}, this model "
+                                      f"{tuple(dst.shape)}: a checkpoint of another model")
+            with torch.no_grad():
+                if isinstance(dst, DTensor):
+                    dst.to_local().copy_(distribute_tensor(full, dst.device_mesh, dst.placements,
+                                                           src_data_rank=None).to_local())
+                else:
+                    dst.copy_(full)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a missing or damaged file, a missing tensor: safetensors has its own error types
+        raise CheckpointError(f"--resume: cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if old_world == world:  # the same ranks: the same random streams
+        try:
+            rng = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8)
+                   for k, v in state["rng"][rank].items()}
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        except Exception as e:
+            raise CheckpointError(f"--resume: bad RNG state in {path}/train_state.json ({e})") from None
+    return step
 
 
 # ---- data, schedule, evaluation -------------------------------------------------------------------------
@@ -469,8 +642,12 @@ def evaluate(model, val, tc, rank, world, device, amp):
 # ---- main ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    with ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
+        run(argv, cleanup)
+
+
+def run(argv, cleanup):
     tc = parse_args(argv)
-    warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP in one process is what we mean
     # 1) who we are: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is 1 of 1
     rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     world, master = max(world, 1), rank == 0
@@ -482,6 +659,7 @@ def main(argv=None):
     # 2) check everything the user gave before any process group or memory is set up
     try:
         mcfg, tok_files = resolve(tc, world)
+        check_out(tc)
         if tc.resume is False and checkpoints(tc.out):
             raise ValueError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
         # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
@@ -493,15 +671,40 @@ def main(argv=None):
         die(str(e))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    lock = None
+    if master:
+        os.makedirs(tc.out, exist_ok=True)
+        lock = lock_out(tc.out)
+        if lock:
+            cleanup.callback(lock.close)
     if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
         alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None, **alone)
+        if alone:  # however run() ends, so that main() can run again in this process
+            cleanup.callback(leave_process_group)
+    if world > 1:
+        locked = torch.tensor([float(lock is not None)], device=device)
+        dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
+    else:
+        locked = torch.tensor([float(lock is not None)])
+    if not locked.item():
+        die(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, or pick "
+            "another --out")
+    if master and os.path.isdir(os.path.join(tc.out, ".export")):
+        publish_export(tc.out)
+        print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/.export",
+              file=sys.stderr)
     # 3) model, optimizer, data
     try:
         model = build_model(mcfg, tc, device, world, bf16, fsdp)
     except CheckpointError as e:
         die(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "alloc" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        die(f"cannot allocate the model ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, vocabulary "
+            f"{mcfg.vocab_size}) on {device}: {str(e).splitlines()[0]}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
     train, val = PackedData(tc.data, "train"), PackedData(tc.data, "val")
@@ -511,11 +714,11 @@ def main(argv=None):
     amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and not fsdp else nullcontext
     start = 0
     if tc.resume and checkpoints(tc.out):
+        last = checkpoints(tc.out)[-1]
         try:
-            start = load_state(model, optimizer, tc, checkpoints(tc.out)[-1], rank, world)
-        except ValueError as e:
+            start = load_state(model, optimizer, tc, last, rank, world)
+        except CheckpointError as e:
             die(str(e))
-    os.makedirs(tc.out, exist_ok=True)
     log_path = os.path.join(tc.out, "metrics.jsonl")
     if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
         lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
@@ -545,6 +748,16 @@ def main(argv=None):
     bar = tqdm(total=tc.steps, initial=start, disable=not master, unit="step", dynamic_ncols=True)
     meter = StepMeter(tc.batch_size * tc.seq_len, device, world, flops_per_token, peak)
     pending = None  # the last step's metrics, still device tensors
+
+    def finished(m):
+        """A step's numbers, read; a step that diverged ends the run (a checkpoint is only saved after its
+        step was read: never one with NaN weights)."""
+        log = meter.read(m)
+        if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):  # every rank sees the same values
+            bar.close()
+            die(f"step {log['step']}: loss {log['loss']}, gradient norm {log['grad_norm']}: training diverged "
+                f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
+        return log
 
     def write_log(log):
         if master:
@@ -578,18 +791,22 @@ def main(argv=None):
             # the previous step is logged now, this one at the next step: reading its numbers waits only
             # for work already done while this step's kernels are queued, so the GPU never runs dry
             if pending:
-                write_log(meter.read(pending))
+                write_log(finished(pending))
             pending = dict(step=step + 1, loss=loss_sum, grad_norm=norm, lr=lr, marks=marks)
             evaluate_now = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
             save_now = tc.save_every and (step + 1) % tc.save_every == 0
             if evaluate_now or save_now:  # the log is complete up to this step before evaluating or saving
-                log = meter.read(pending)
+                log = finished(pending)
                 pending = None
                 if evaluate_now:
                     log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
                 write_log(log)
                 if save_now:
-                    save_state(model, optimizer, tc, step + 1, world, master)
+                    try:
+                        save_state(model, optimizer, tc, step + 1, rank, world, master)
+                    except OSError as e:  # a full disk: the last complete checkpoint stays
+                        bar.close()
+                        die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
                     if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
                         os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
     bar.close()
@@ -597,13 +814,48 @@ def main(argv=None):
         print(meter.summary(), file=sys.stderr)
 
     # 5) the Hugging Face checkpoint
-    export(model, mcfg, tc, tok_files, save_dtype, master)
+    try:
+        export(model, mcfg, tc, tok_files, save_dtype, master)
+    except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
+        die(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
     if master:
         val_loss = log["val_loss"] if start < tc.steps else None
         print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
     if dist.is_initialized():
+        barrier()  # no rank leaves while another still writes or communicates
         dist.destroy_process_group()
 
 
+def run_and_exit(argv=None):
+    """main(), then leave the process without tearing down the interpreter when it was one of several.
+
+    Why: gloo runs each collective on a C++ worker thread, and that thread drops its reference to the
+    collective's tensors a moment *after* the rank waiting on it has moved on. Freeing a tensor that
+    Python knows needs the GIL; an interpreter that is shutting down answers by ending the thread
+    (pthread_exit), which unwinds through a C++ noexcept frame: std::terminate, SIGABRT, after all the
+    work was done. destroy_process_group() cannot join those threads, since DTensor's caches keep the
+    device mesh, and with it the process group, alive until the very end. So once our files are
+    written and closed, each rank of a torchrun job flushes its output and ends with os._exit: the
+    threads end with the process, and no interpreter shutdown runs beside them."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = 0
+    try:
+        main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT; checkpoints are renamed into place
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted", file=sys.stderr)
+        code = 130
+        if not distributed:
+            sys.exit(code)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not distributed:
+            raise
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run_and_exit()

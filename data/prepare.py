@@ -319,19 +319,63 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
 # Reading: what the trainer and the evaluation use
 
 
+DTYPES = {"uint16": 65536, "uint32": 2**32}  # what prepare() writes, and how many ids each holds
+
+
 def read_meta(dir):
+    """meta.json of a prepared dataset, every value checked (ValueError naming the file and key)."""
+    if os.path.exists(dir) and not os.path.isdir(dir):
+        raise ValueError(f"--data {dir} is a file: give the directory written by data/prepare.py")
     path = os.path.join(dir, "meta.json")
     try:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run data/prepare.py first") from None
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path} is corrupt ({e}): run data/prepare.py again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt (not a JSON object): run data/prepare.py again")
     missing = [k for k in ("dtype", "vocab_size", "bos_id", "eos_id", "tokenizer", "train", "val") if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: run data/prepare.py again")
+
+    def bad(key, what):
+        return ValueError(f"{path}: {key} must be {what}, got {meta_value(meta, key)!r}")
+
+    if meta["dtype"] not in DTYPES:
+        raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    vocab = meta["vocab_size"]
+    if not is_int(vocab) or not 1 <= vocab <= DTYPES[meta["dtype"]]:
+        raise bad("vocab_size", f"an integer in [1, {DTYPES[meta['dtype']]}] for {meta['dtype']}")
+    for key in ("bos_id", "eos_id"):
+        if not is_int(meta[key]) or not -1 <= meta[key] < vocab:
+            raise bad(key, f"an integer in [-1, {vocab}) (-1: none)")
+    if not isinstance(meta["tokenizer"], str) or os.path.basename(meta["tokenizer"]) != meta["tokenizer"] \
+            or meta["tokenizer"] in ("", ".", ".."):
+        raise bad("tokenizer", "a file name in the dataset directory")
+    for split in ("train", "val"):
+        s = meta[split]
+        if not isinstance(s, dict) or not is_int(s.get("tokens")) or s["tokens"] < 0:
+            raise bad(split, 'an object with "tokens" >= 0, "docs" and "names"')
+        docs, names = s.get("docs"), s.get("names")
+        if not isinstance(docs, list) or not isinstance(names, list) or len(docs) != len(names):
+            raise bad(f"{split}.docs", "a list of [start, end] as long as names")
+        if not all(isinstance(d, list) and len(d) == 2 and is_int(d[0]) and is_int(d[1])
+                   and 0 <= d[0] < d[1] <= s["tokens"] for d in docs):
+            raise bad(f"{split}.docs", f"[start, end] token offsets with 0 <= start < end <= {s['tokens']}")
     return meta
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def meta_value(meta, key):
+    value = meta
+    for k in key.split("."):
+        value = value.get(k) if isinstance(value, dict) else None
+    return value if len(repr(value)) < 80 else repr(value)[:77] + "..."
 
 
 class PackedData:
@@ -350,6 +394,12 @@ class PackedData:
         # a memory map: the OS pages in what is read, so a corpus larger than RAM is fine
         self.tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         self.bos_id = self.meta["bos_id"]
+        # one pass over the ids (the OS reads the file at disk speed): an id outside the vocabulary would
+        # otherwise surface hours into training as an IndexError in the embedding
+        top = int(self.tokens.max()) if size else -1
+        if top >= self.meta["vocab_size"]:
+            raise ValueError(f"{path} holds token id {top}, outside the vocabulary of {self.meta['vocab_size']} "
+                             f"in meta.json: the file is damaged or from another tokenizer; run data/prepare.py again")
 
     def __len__(self):
         return len(self.tokens)
@@ -393,6 +443,7 @@ def main(argv=None):
     p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val shuffle and of tokenizer training")
+    p.error = die  # one line, exit code 2, as for every other bad input
     args = p.parse_args(argv)
 
     if not 0 <= args.val_fraction < 1:
@@ -405,9 +456,15 @@ def main(argv=None):
         die(str(e))
     except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
         die(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
+    except OSError as e:  # --out is a file or read-only, the disk is full: meta.json is not (re)written
+        die(f"cannot write {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
     print(f"{args.out}: {len(train)} train docs, {meta['train']['tokens']:,} tokens; "
           f"{len(val)} val docs, {meta['val']['tokens']:,} tokens; vocab {meta['vocab_size']} ({meta['dtype']})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; meta.json is written last
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -171,15 +171,33 @@ def test_strided_with_one_window_equals_whole_document():
 
 # ---- passkey ------------------------------------------------------------------------------------------
 
+PAPER_PROMPT = (  # Mohtashami & Jaggi (2023), as the YaRN paper uses it: two filler sentences, key in the middle
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there.\n"
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+    "The pass key is 54321. Remember it. 54321 is the pass key.\n"
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+    "What is the pass key? The pass key is")
+
+
+def test_passkey_text_is_the_papers_prompt():
+    assert ev.passkey_text(2, 0.5, 54321) == PAPER_PROMPT
+    for n, depth in ((0, 0.5), (5, 0.0), (5, 1.0), (7, 0.3)):
+        lines = ev.passkey_text(n, depth, 54321).split("\n")
+        assert len(lines) == 5 and lines[0] == ev.TASK and lines[2] == ev.KEY_LINE.format(key=54321)
+        assert lines[-1] == "What is the pass key? The pass key is"
+        assert lines[1].count(ev.FILLER) == round(depth * n) and lines[3].count(ev.FILLER) == n - round(depth * n)
+
+
 def test_passkey_prompt_layout(checkpoint):
     tok = load_tokenizer(checkpoint)
-    for length in (200, 500, 1500):  # this tokenizer spends ~60 tokens on one filler line
+    for length in (250, 500, 1500):  # this tokenizer spends ~60 tokens on one filler line
         for depth in (0.0, 0.5, 1.0):
             ids = ev.passkey_prompt(tok, length, depth, 54321)
             text = tok.decode(ids)
             per = len(tok.encode(" " + ev.FILLER))
             assert length - 2 * per <= len(ids) <= length  # fills the length, never exceeds it
-            assert ids[0] == tok.bos_id and text.endswith(ev.QUESTION)
+            assert ids[0] == tok.bos_id and text.startswith(ev.TASK + "\n") and text.endswith(ev.QUESTION)
             assert text.count("The pass key is 54321. Remember it. 54321 is the pass key.") == 1
             assert text.count("54321") == 2
             before, after = text.split(ev.KEY_LINE.format(key=54321))
@@ -244,7 +262,7 @@ def copy_model(tok, C=64, H=4):
 
 def test_passkey_copy_model_scores_100_and_random_model_about_0():
     tok = WordTokenizer()
-    lengths, depths = [50, 150, 400], [0.0, 0.5, 1.0]
+    lengths, depths = [80, 150, 400], [0.0, 0.5, 1.0]
     acc = ev.passkey_accuracy(copy_model(tok), tok, lengths, depths, trials=3, seed=0)
     assert set(acc) == set(lengths) and all(set(row) == set(depths) for row in acc.values())
     assert all(a == 1.0 for row in acc.values() for a in row.values()), acc
@@ -329,13 +347,13 @@ def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
 
 
 def test_cli_passkey(checkpoint, tmp_path, capsys):
-    ev.main(["passkey", *ON_CPU, "--model", checkpoint, "--lengths", "64,128", "--depths", "0,0.5,1", "--trials", "2",
+    ev.main(["passkey", *ON_CPU, "--model", checkpoint, "--lengths", "256,320", "--depths", "0,0.5,1", "--trials", "2",
              "--rope", "model", "--rope", "dynamic-yarn", "--json", str(tmp_path / "pk.json")])
     stdout, err = capsys.readouterr()
     res = json.loads((tmp_path / "pk.json").read_text())
     assert res["depths"] == [0.0, 0.5, 1.0] and len(res["results"]) == 2
     for r in res["results"]:
-        assert set(r["accuracy"]) == {"64", "128"} and set(r["accuracy"]["64"]) == {"0.0", "0.5", "1.0"}
+        assert set(r["accuracy"]) == {"256", "320"} and set(r["accuracy"]["256"]) == {"0.0", "0.5", "1.0"}
         assert r["mean"] <= 0.2  # a random model does not find the key
         assert f"{r['method']}: mean" in stdout
     assert "| length \\ depth | 0 | 0.5 | 1 |" in stdout

@@ -64,10 +64,10 @@ def test_parity_with_transformers(D, b, s, L):
     assert_same(ours(D, b, L, {"type": "linear", "factor": s}), hf_inv_freq(D, b, L, {"rope_type": "linear", "factor": s}))
     for extra in YARN_VARIANTS:
         sc = {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L, **extra}
-        assert_same(ours(D, b, s * L, sc), hf_inv_freq(D, b, int(s * L), sc))
+        assert_same(ours(D, b, int(s * L), sc), hf_inv_freq(D, b, int(s * L), sc))
     sc = {"rope_type": "llama3", "factor": s, "original_max_position_embeddings": L,
           "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    assert_same(ours(D, b, s * L, sc), hf_inv_freq(D, b, int(s * L), sc))
+    assert_same(ours(D, b, int(s * L), sc), hf_inv_freq(D, b, int(s * L), sc))
     for seq_len in (L // 2, L, L + 1, 3 * L, int(s * L)):
         sc = {"rope_type": "dynamic", "factor": s}
         assert_same(ours(D, b, L, sc, seq_len), hf_inv_freq(D, b, L, sc, seq_len))

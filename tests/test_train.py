@@ -168,6 +168,23 @@ def test_resume_after_sigkill_is_exact(work, fsdp_out):
     assert os.listdir(out / "checkpoints") == ["step-000006"]
 
 
+def test_resume_on_another_world_size(work, fsdp_out):
+    """A checkpoint written by 2 processes (each its own shards) resumed by 1: each tensor is put back
+    together from the shards, so the run ends where the 2-process one did (up to float summation order)."""
+    out = work / "reshard"
+    args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
+            "--save-every", "3", "--activation-checkpointing", "full"]
+    r = run_train(args, nproc=2, env={"TRAIN_TEST_SIGKILL_AT_STEP": "3"})
+    assert r.returncode != 0 and sorted(os.listdir(out / "checkpoints" / "step-000003")) == [
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "train_state.json"]
+    r = run_train(args + ["--resume"])
+    assert r.returncode == 0 and "resuming at step 3" in r.stderr, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(fsdp_out)), atol=1e-5, rtol=1e-5)
+    one, two = load_file(out / "model.safetensors"), load_file(fsdp_out / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=1e-4)
+
+
 def test_pretrain_from_scratch(work):
     out = work / "scratch"
     train.main(["--init", "scratch", "--data", str(work / "data"), "--out", str(out), "--seq-len", "64", "--device", "cpu",
@@ -206,7 +223,7 @@ BAD_INPUTS = {  # case: (flags over a good command, environment, what the messag
     "data shorter than a sequence": (["--seq-len", "65536"], {}, "fewer than one sequence"),
     "vocab mismatch": (["--init", "{bad}/small-vocab"], {}, "vocab mismatch"),
     "seq-len not a multiple": (["--seq-len", "100"], {}, "multiple of 64"),
-    "yarn scale below 1": (["--yarn-scale", "0.5"], {}, "--yarn-scale must be >= 1"),
+    "yarn scale below 1": (["--yarn-scale", "0.5"], {}, "--yarn-scale must be a finite number >= 1"),
     "batch vs micro-batch": (["--batch-size", "6", "--micro-batch", "4"], {}, "not divisible"),
     # as torchrun would set it: the check comes before any process group is made
     "batch vs world size": (["--batch-size", "3"], {"WORLD_SIZE": "2"}, "world size 2"),

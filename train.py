@@ -12,6 +12,8 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python data/shakespeare/prepare.py --out data/shakespeare/out
     python train.py --init scratch --data data/shakespeare/out --seq-len 256 --batch-size 16 --steps 1000 --out out/tiny
     python train.py --init out/tiny --data data/shakespeare/out --yarn-scale 4 --batch-size 8 --steps 50 --out out/tiny-yarn4
+    # one GPU takes the FSDP2 path of eight (a mesh of one); 7B's fp32 weights, gradients and AdamW alone are 108 GB: an H200
+    python train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --seq-len 16384 --compile --out out/one-gpu
     # after a crash: the same command plus --resume
     # several machines: torchrun's --nnodes/--rdzv-endpoint, with --out on a file system they all share
 

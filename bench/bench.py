@@ -21,8 +21,8 @@ Workloads (T = tokens, batch 1):
     logits-T  a plain forward returning the full (T, V) logits
     train-T   one training step: forward + backward + AdamW, with --checkpointing (transformers has no
               selective mode: it checkpoints each layer fully unless the mode is none)
-    prefill-T a T-token prompt into a fresh KV cache, no grad (ours: setup_cache + chunked prefill;
-              transformers: one forward with a DynamicCache, logits of the last position only)
+    prefill-T a T-token prompt into the KV cache, no grad (ours: chunked prefill into a cache allocated
+              once; transformers: one forward with a fresh DynamicCache, logits of the last position only)
     decode-P  greedy decoding with a P-token prompt in the KV cache; tokens/s excludes the prefill
               (ours: setup_cache + prefill + model(tok, pos=t, last_only=True);
                transformers: a manual loop with its default DynamicCache, as generate() uses)

@@ -23,12 +23,13 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_scale, rope_cos_sin
 
@@ -169,6 +170,11 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, KV, pos+T, D): only what is filled
 
+    def write(self, pos, k, v):
+        """One position given as a (1,) tensor: the same operation at every step (decode_step)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -180,12 +186,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(C, KV * D, bias=cfg.attention_bias)
         self.o_proj = Linear(H * D, C, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, filled=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, k, cos, sin)  # cos/sin carry YaRN's attention factor: logits scale by a^2
+        if filled is not None:  # decode_step: one token at position tensor pos, against the whole cache
+            cache.write(pos, k, v)
+            y = self.decode_attention(q, cache.k, cache.v, filled)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, KV, pos+T, D)
@@ -202,13 +212,16 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
-    def decode_attention(self, q, k, v):
+    def decode_attention(self, q, k, v, filled=None):
         """One new query per head against the whole cache, as two batched matmuls. The G = H/KV query
         heads sharing a K/V head are G rows of one product, so each cached K/V is read once and never
-        copied. On CPU this is 1.3-1.5x faster than the flash kernel, built for long query blocks."""
+        copied. On CPU this is 1.3-1.5x faster than the flash kernel, built for long query blocks.
+        filled (S,): which cache positions to attend to (decode_step); None: all of k and v."""
         B, H, _, D = q.shape
         qg = q.view(B, self.n_kv_head, H // self.n_kv_head, D)          # (B, KV, G, D)
         att = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, KV, G, S), softmax in fp32
+        if filled is not None:
+            att = att.masked_fill(~filled, float("-inf"))
         return (att.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)         # (B, KV, G, D) -> (B, H, 1, D)
 
     def chunk_attention(self, q, k, v, pos, rows=512):
@@ -239,6 +252,30 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Activation checkpointing: what a block keeps from forward for backward.
+#   none       everything autograd saves: fastest, and at long context far more memory than a GPU has
+#   full       only the block's input; backward first runs the whole block again (+1 forward, ~+33%)
+#   selective  the block's input and the attention outputs (with their logsumexp); the rest is redone.
+# At 64k tokens attention is the costliest part of a block: for Llama 2 7B, 2 * T^2 * C = 35 TFLOP per
+# layer against 26 TFLOP for all its matmuls, and it is the cheapest to keep: its output is one (T, C)
+# bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up:
+# 2 x 1.3; down 0.5). So selective keeps 57% of the work for 0.5 GiB, and redoes the cheap rest. Memory
+# of the paper's recipe (7B, T = 65536, 8 GPUs, FSDP2, bf16 compute), per GPU: sharded fp32 weights,
+# gradients and AdamW 13.5 GiB; block inputs 32 x 0.5 = 16 GiB; one block redone in backward ~10 GiB;
+# loss and gathered weights ~3 GiB. Full ~43 GiB, selective +16 GiB = ~59 GiB: both fit an 80 GiB GPU,
+# none (~12 GiB per layer, ~400 GiB) does not. An estimate: no GPU has measured it yet.
+CHECKPOINTING = ("none", "full", "selective")
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    """The selective policy: save what the fused attention kernels return, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -246,9 +283,20 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointing = "none"  # one of CHECKPOINTING; only while gradients are recorded
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+    def forward(self, x, cos, sin, cache=None, pos=0, filled=None):
+        # the checkpoint is inside forward, so that torch.compile of a block (and FSDP2's hooks around
+        # it) sees it: compiled, the selective policy becomes part of the graph
+        if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, cache, pos, filled)
+        if self.checkpointing == "full":
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        policy = partial(create_selective_checkpoint_contexts, keep_attention)  # a partial made here: what dynamo takes
+        return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
+
+    def _forward(self, x, cos, sin, cache=None, pos=0, filled=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, filled)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -260,23 +308,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):  # h (N, C), weight (V, C), targets (N,) with -100 = skip
+        # every matmul in the compute dtype (bf16 under autocast: fp32 operands would run the dW product,
+        # as large as the vocabulary projection itself, at the fp32 rate); dW is summed over chunks in fp32
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        hc, wc = h.to(dtype), weight.to(dtype)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), rows):
-            hs, ts = h[s:s + rows], targets[s:s + rows]
-            logp = F.linear(hs, weight).float().log_softmax(-1)  # (rows, V)
+            hs, ts = hc[s:s + rows], targets[s:s + rows]
+            logp = F.linear(hs, wc).float().log_softmax(-1)  # (rows, V)
             total += F.nll_loss(logp, ts, ignore_index=-100, reduction="sum")
             grad = logp.exp_()                                    # softmax ...
             scored = (ts != -100).nonzero().squeeze(1)
             grad[scored, ts[scored]] -= 1                         # ... minus the one-hot target
             grad[ts == -100] = 0
-            grad = grad.to(h.dtype)
+            grad = grad.to(dtype)
             if dh is not None:
-                dh[s:s + rows] = grad @ weight                    # (rows, C)
+                dh[s:s + rows] = grad @ wc                        # (rows, C)
             if dw is not None:
-                dw.addmm_(grad.t(), hs)                           # (V, C)
-        ctx.save_for_backward(dh, dw)
+                dw += grad.t() @ hs                               # (V, C)
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return total
 
     @staticmethod
@@ -298,7 +350,6 @@ class Llama(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
         self.cache = None                    # set up by setup_cache()
         self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
 
@@ -315,6 +366,13 @@ class Llama(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def set_activation_checkpointing(self, mode):
+        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+        for block in self.model.layers:
+            block.checkpointing = mode
 
     # ---- rotary tables ----------------------------------------------------------------------------
 
@@ -361,11 +419,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            cache = self.cache.layers[i] if use_cache else None
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cache, pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, pos)
+            x = layer(x, cos, sin, self.cache.layers[i] if use_cache else None, pos)
         return self.model.norm(x)
 
     def chunked_loss(self, h, targets, reduction="mean"):
@@ -408,11 +462,20 @@ class Llama(nn.Module):
                                                   dtype, device) for _ in range(cfg.num_hidden_layers))
         self.cache.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.cache.max_len, self.cache.growth, self.cache.chunk = max_len, dynamic_growth, chunk_size
-        self.cache.rope_len = cfg.rope.original_max_position_embeddings
+        # the RoPE state of decode_step as buffers, rewritten in place when a dynamic scale moves
+        self.cache.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2, device=device), persistent=False)
+        self.cache.register_buffer("attention_factor", torch.ones((), device=device), persistent=False)
+        self._set_rope_len(cfg.rope.original_max_position_embeddings)
         return self.cache
 
+    def _set_rope_len(self, rope_len):
+        self.cache.rope_len = rope_len
+        inv_freq, a = self.rope_tables(rope_len, self.cache.inv_freq.device)
+        self.cache.inv_freq.copy_(inv_freq)
+        self.cache.attention_factor.fill_(a)
+
     def cache_bytes(self):
-        return sum(b.numel() * b.element_size() for b in self.cache.buffers()) if self.cache else 0
+        return sum(b.numel() * b.element_size() for b in self.cache.layers.buffers()) if self.cache else 0  # K and V
 
     def dynamic_rope_len(self, length):
         """The length a dynamic method scales for once the text is `length` tokens long."""
@@ -427,6 +490,11 @@ class Llama(nn.Module):
         return min(n, max_len)
 
     def _hidden_cached(self, idx, pos):
+        self._write_tokens(idx, pos)
+        return self._hidden(idx, pos, self.cache.rope_len, use_cache=True)
+
+    def _write_tokens(self, idx, pos):
+        """Record tokens pos.. in the cache; a dynamic method whose scale moves recomputes the prefix."""
         if self.cache is None:
             raise RuntimeError("call setup_cache() before decoding with pos=")
         end = pos + idx.size(1)
@@ -436,10 +504,35 @@ class Llama(nn.Module):
         if self.config.rope.is_dynamic:
             need = self.dynamic_rope_len(end)
             if need != self.cache.rope_len:
-                self.cache.rope_len = need
+                self._set_rope_len(need)
                 for s in range(0, pos, self.cache.chunk):  # recompute the prefix under the new scale
                     self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, need, use_cache=True)
-        return self._hidden(idx, pos, self.cache.rope_len, use_cache=True)
+
+    def decode_step(self, idx, pos):
+        """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor.
+        Every shape is the same at every step: attention reads the whole preallocated cache with the
+        positions past pos masked out, the RoPE angle comes from buffers. So torch.compile captures it
+        once (with mode="reduce-overhead", one CUDA graph instead of hundreds of kernel launches, as in
+        gpt-fast). Call it through decode(), which keeps the cache's tokens and dynamic scale up to date."""
+        c = self.cache
+        cos, sin = rope_cos_sin(c.inv_freq, pos, c.attention_factor)  # (1, D/2)
+        filled = torch.arange(c.max_len, device=pos.device) <= pos      # (S,)
+        x = self.model.embed_tokens(idx)  # (B, 1, C)
+        for layer, kv in zip(self.model.layers, c.layers):
+            x = layer(x, cos, sin, kv, pos, filled)
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.no_grad()
+    def decode(self, idx, pos, step=None):
+        """model(idx, pos=pos, last_only=True) for one token (idx (B, 1), pos an int), by decode_step, or
+        `step`: the same compiled (compile_decode)."""
+        self._write_tokens(idx, pos)
+        return (step or self.decode_step)(idx, torch.tensor([pos], device=idx.device))
+
+    def compile_decode(self):
+        """decode_step compiled as one graph: a CUDA graph on a GPU, inductor's fused kernels on a CPU."""
+        cuda = next(self.parameters()).device.type == "cuda"
+        return torch.compile(self.decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
     @torch.no_grad()
     def prefill(self, idx, chunk_size=None):
@@ -447,7 +540,7 @@ class Llama(nn.Module):
         not the prompt) and return the logits of its last position (B, 1, V)."""
         chunk = chunk_size or self.cache.chunk
         if self.config.rope.is_dynamic:  # pick the scale for the whole prompt up front: no recompute
-            self.cache.rope_len = self.dynamic_rope_len(idx.size(1))
+            self._set_rope_len(self.dynamic_rope_len(idx.size(1)))
         for s in range(0, idx.size(1), chunk):
             logits = self(idx[:, s:s + chunk], pos=s, last_only=True)
         return logits

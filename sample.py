@@ -6,6 +6,8 @@ Generate text from a checkpoint, with a KV cache sized for the whole context up 
     # any RoPE method on any checkpoint, without training: Dynamic-YaRN on a model trained at 4k
     python sample.py --model Llama-2-7b-hf --ctx 16384 --rope dynamic-yarn --prompt-file long.txt
     python sample.py --model Llama-2-7b-hf --ctx 32768 --rope yarn --rope-factor 8 --prompt-file long.txt
+    # on a GPU: decode with one CUDA graph per token instead of hundreds of kernel launches
+    python sample.py --model out/llama-yarn --ctx 131072 --prompt-file book.txt --compile
 
 Memory is the weights + the KV cache + a constant. The cache (2 * layers * kv_heads * head_dim * ctx
 values, in the weights' dtype: bf16 on CUDA) is allocated once and its size printed first. The prompt is
@@ -105,11 +107,12 @@ def sync(device):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, generator=None,
-             on_token=None, eos_id=None, chunk_size=None):
+             on_token=None, eos_id=None, chunk_size=None, decode_step=None):
     """Prefill prompt_ids (a list of ints) into the KV cache in chunks, then sample one token at a time.
     Uses the cache set up by model.setup_cache (one is made for prompt + max_new_tokens if there is none);
     generation stops early at eos_id or when the cache is full. on_token(token, logits) is called for each
-    new token with the fp32 logits (V,) it was drawn from. Returns (new token ids, Timing)."""
+    new token with the fp32 logits (V,) it was drawn from. decode_step: model.compile_decode()'s, to
+    decode through the fixed-shape step (default: the eager path). Returns (new token ids, Timing)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
     P = idx.size(1)
@@ -131,7 +134,11 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=
             on_token(token, logits)
         if token == eos_id or i == max_new_tokens - 1:
             break
-        logits = model(torch.tensor([[token]], device=device), pos=P + i, last_only=True)[0, -1]
+        token_ids = torch.tensor([[token]], device=device)
+        if decode_step is None:
+            logits = model(token_ids, pos=P + i, last_only=True)[0, -1]
+        else:  # clone: a CUDA graph writes its next output over this one
+            logits = model.decode(token_ids, P + i, decode_step)[0, -1].clone()
     sync(device)
     t2 = time.perf_counter()
     if not out:
@@ -244,6 +251,21 @@ def memory_bytes(device):
         return None
 
 
+def compile_decode(model):
+    """model.compile_decode(), compiled and captured now on a few dummy steps at position 0 (which the
+    prefill then overwrites), so that the time it takes is not counted as decoding."""
+    device = next(model.parameters()).device
+    step = model.compile_decode()
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(3):  # a CUDA graph is recorded on the second or third call
+            step(torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    sync(device)
+    note(f"compiled the decode step in {time.perf_counter() - t:.1f}s")
+    return step
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (allocated)"
@@ -278,6 +300,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile's fixed-shape step (a CUDA graph on GPUs); compiling takes "
+                        "a while up front, timed apart")
     args = p.parse_args(argv)
 
     # 1) everything that can be checked without reading the weights
@@ -352,12 +377,13 @@ def main(argv=None):
          f"{cfg.head_dim} dims = {model.cache_bytes() / 2**20:.1f} MiB; prompt {len(ids)} tokens")
 
     # 4) generate, streaming
+    step = compile_decode(model) if args.compile else None
     chunk = args.prefill_chunk or (4096 if device.type == "cuda" else 1024)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok, ids)
     with attention_backends(device, dtype):
         new, timing = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               generator, on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk)
+                               generator, on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk, decode_step=step)
     streamer.close()
     if len(new) < args.max_new_tokens and new[-1] != tok.eos_id:
         note(f"note: stopped after {len(new)} tokens: the KV cache of {ctx} tokens is full")

@@ -12,6 +12,8 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python data/shakespeare/prepare.py --out data/shakespeare/out
     python train.py --init scratch --data data/shakespeare/out --seq-len 256 --batch-size 16 --steps 1000 --out out/tiny
     python train.py --init out/tiny --data data/shakespeare/out --yarn-scale 4 --batch-size 8 --steps 50 --out out/tiny-yarn4
+    # one GPU takes the FSDP2 path of eight (a mesh of one); 7B's fp32 weights, gradients and AdamW alone are 108 GB: an H200
+    python train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --seq-len 16384 --compile --out out/one-gpu
     # after a crash: the same command plus --resume
     # several machines: torchrun's --nnodes/--rdzv-endpoint, with --out on a file system they all share
 
@@ -45,7 +47,8 @@ except ImportError:
     resource = None
 
 from data.prepare import PackedData, load_tokenizer, read_meta
-from model import CHECKPOINT_FILE, CheckpointError, Llama, LlamaConfig, check_writable, read_config, weight_files, write_json
+from model import (CHECKPOINT_FILE, CHECKPOINTING, CheckpointError, Llama, LlamaConfig, check_writable, read_config,
+                   weight_files, write_json)
 from rope import METHODS, RopeConfig
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
@@ -81,9 +84,15 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
     seed: int = arg(0, "seed of the data order and of a scratch model's weights")
     # engine
+    device: str = arg("auto", "cuda (one GPU per process) or cpu; auto: cuda if there is one", str,
+                      ("auto", "cuda", "cpu"))
     dtype: str = arg("auto", "compute dtype: auto is bf16 on CUDA, fp32 on CPU", str, ("auto", "bf16", "fp32"))
-    activation_checkpointing: bool = arg(None, "recompute each block in backward (default: on from seq-len 2048)", bool)
-    compile: bool = arg(False, "torch.compile each block")
+    activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
+                                              "recompute all) or selective (input and attention outputs: "
+                                              "recompute the rest); default selective from seq-len 2048, "
+                                              "else none (model.py gives the memory estimate)", str, CHECKPOINTING)
+    compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "
+                               "left out of the reported speed)")
     # checkpoints and logging
     save_every: int = arg(100, "write a resumable checkpoint every N steps (0: never)")
     resume: bool = arg(False, "continue from the last checkpoint in --out")
@@ -224,7 +233,7 @@ def resolve(tc, world):
     tc.lr = tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5)
     tc.lr_schedule = tc.lr_schedule or ("cosine" if scratch else "constant")
     if tc.activation_checkpointing is None:
-        tc.activation_checkpointing = tc.seq_len >= 2048
+        tc.activation_checkpointing = "selective" if tc.seq_len >= 2048 else "none"
     for file in tok_files:
         check_side_file(file)
     return mcfg, tok_files
@@ -299,17 +308,20 @@ def check_shapes(mcfg, path):
 
 # ---- model: built on meta, sharded, materialised, then filled -----------------------------------------
 
-def build_model(mcfg, tc, device, world, bf16):
-    # 1) on the meta device: no memory is touched, whatever the size
+def build_model(mcfg, tc, device, world, bf16, fsdp):
+    # 1) on the meta device: no memory is touched, whatever the size; checkpointing and compilation are
+    #    per block, the checkpoint inside each block's forward (so a compiled block includes it)
     with torch.device("meta"):
         model = Llama(mcfg)
-    model.gradient_checkpointing = tc.activation_checkpointing
+    model.set_activation_checkpointing(tc.activation_checkpointing)
     if tc.compile:
         for block in model.model.layers:
             block.compile()
     # 2) FSDP2: each block is one all-gather unit, then the root (embeddings, final norm, head);
-    #    bf16 compute on fp32 master weights, gradients reduced in fp32
-    if world > 1:
+    #    bf16 compute on fp32 master weights, gradients reduced in fp32. On one GPU too (a mesh of one):
+    #    the bf16 copy of each block's weights then lives only while the block runs, where autocast
+    #    would keep a bf16 copy of every weight for the whole step
+    if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (world,))
@@ -319,7 +331,7 @@ def build_model(mcfg, tc, device, world, bf16):
         fully_shard(model, mesh=mesh, mp_policy=mp)
     # 3) real storage: each rank allocates only its shards
     model.to_empty(device=device)
-    if mcfg.tie_word_embeddings and world == 1:  # to_empty made two tensors of the tied one
+    if mcfg.tie_word_embeddings and not fsdp:  # to_empty made two tensors of the tied one
         model.lm_head.weight = model.model.embed_tokens.weight
     # 4) the weights: a checkpoint's, streamed in, or a fresh init made the same way on any world size
     if tc.init == "scratch":
@@ -410,6 +422,11 @@ def publish_export(out):
 
 
 # ---- resumable training state --------------------------------------------------------------------------
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def barrier():
     if dist.is_initialized():
@@ -558,6 +575,52 @@ def get_lr(step, tc):
     return tc.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+class StepMeter:
+    """Times the steps and turns a step's device tensors into a log line (loss and gradient norm read in
+    one transfer, speed, memory), without making the host wait for the GPU: a step's numbers are read
+    once the next step is queued, and its time is measured on the GPU itself, by CUDA events at its start
+    and end (on a CPU, the clock). The first step of a process (compilation, warm-up) is kept out of the
+    summary's speed."""
+
+    def __init__(self, tokens_per_step, device, world, flops_per_token, peak_flops):
+        self.tokens, self.device, self.world = tokens_per_step, device, world
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.cuda = device.type == "cuda"
+        self.first, self.steps, self.seconds = None, 0, 0.0  # after the first step: how many, how long
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def read(self, m):
+        loss, norm = torch.stack([m["loss"].float(), m["grad_norm"].float().to(m["loss"].device)]).tolist()
+        start, end = m["marks"]
+        dt = start.elapsed_time(end) / 1000 if self.cuda else end - start
+        tokens_per_s = self.tokens / dt
+        log = {"step": m["step"], "loss": loss, "lr": m["lr"], "grad_norm": norm,
+               "tokens_per_s": round(tokens_per_s, 1), "time_s": round(dt, 4)}
+        if self.first is None:
+            self.first = log["first_step_s"] = round(dt, 4)  # compilation and warm-up included
+        else:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+        if self.cuda:
+            log["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            if self.peak:
+                log["mfu"] = round(tokens_per_s / self.world * self.flops_per_token / self.peak, 4)
+        elif resource:  # the whole process's peak resident memory, in KiB on Linux
+            log["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        return log
+
+    def summary(self):
+        tokens_per_s = self.tokens * self.steps / self.seconds
+        mfu = f", MFU {tokens_per_s / self.world * self.flops_per_token / self.peak:.1%}" if self.peak else ""
+        return (f"{tokens_per_s:.1f} tokens/s{mfu} over the last {self.steps} steps; the first step took "
+                f"{self.first:.2f}s (compilation, warm-up)")
+
+
 @torch.no_grad()
 def evaluate(model, val, tc, rank, world, device, amp):
     """Mean loss over the first --eval-blocks validation sequences, spread over the ranks."""
@@ -590,8 +653,11 @@ def run(argv, cleanup):
     # 1) who we are: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is 1 of 1
     rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     world, master = max(world, 1), rank == 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    # FSDP2 under torchrun, and on CUDA always: a single GPU takes the path of eight
+    fsdp = "WORLD_SIZE" in os.environ or device.type == "cuda"
     # 2) check everything the user gave before any process group or memory is set up
     try:
         mcfg, tok_files = resolve(tc, world)
@@ -601,6 +667,8 @@ def run(argv, cleanup):
         # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
         hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
         save_dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         die(str(e))
     if device.type == "cuda":
@@ -611,9 +679,13 @@ def run(argv, cleanup):
         lock = lock_out(tc.out)
         if lock:
             cleanup.callback(lock.close)
-    if world > 1:
+    if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
+        alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **alone)
+        if alone:  # however run() ends, so that main() can run again in this process
+            cleanup.callback(leave_process_group)
+    if world > 1:
         locked = torch.tensor([float(lock is not None)], device=device)
         dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
     else:
@@ -627,7 +699,7 @@ def run(argv, cleanup):
               file=sys.stderr)
     # 3) model, optimizer, data
     try:
-        model = build_model(mcfg, tc, device, world, bf16)
+        model = build_model(mcfg, tc, device, world, bf16, fsdp)
     except CheckpointError as e:
         die(str(e))
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -640,8 +712,8 @@ def run(argv, cleanup):
     train, val = PackedData(tc.data, "train"), PackedData(tc.data, "val")
     order = BlockOrder(train.num_blocks(tc.seq_len), tc.seed)
     accum = tc.batch_size // (world * tc.micro_batch)
-    # single process: autocast gives bf16 compute on fp32 weights (FSDP's policy does it with several)
-    amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and world == 1 else nullcontext
+    # without FSDP (one process on CPU): autocast gives bf16 compute on fp32 weights; FSDP's policy does it otherwise
+    amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and not fsdp else nullcontext
     start = 0
     if tc.resume and checkpoints(tc.out):
         last = checkpoints(tc.out)[-1]
@@ -676,9 +748,29 @@ def run(argv, cleanup):
     else:
         kernels = nullcontext()
     bar = tqdm(total=tc.steps, initial=start, disable=not master, unit="step", dynamic_ncols=True)
+    meter = StepMeter(tc.batch_size * tc.seq_len, device, world, flops_per_token, peak)
+    pending = None  # the last step's metrics, still device tensors
+
+    def finished(m):
+        """A step's numbers, read; a step that diverged ends the run (a checkpoint is only saved after its
+        step was read: never one with NaN weights)."""
+        log = meter.read(m)
+        if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):  # every rank sees the same values
+            bar.close()
+            die(f"step {log['step']}: loss {log['loss']}, gradient norm {log['grad_norm']}: training diverged "
+                f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
+        return log
+
+    def write_log(log):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
+            bar.update()
+
     with kernels:
         for step in range(start, tc.steps):
-            t0 = time.perf_counter()
+            t0 = meter.mark()
             lr = get_lr(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -697,39 +789,31 @@ def run(argv, cleanup):
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_value = loss_sum.item()  # waits for the step: the timing below is honest
-            if not (math.isfinite(loss_value) and math.isfinite(norm.item())):  # every rank sees the same values
-                bar.close()
-                die(f"step {step + 1}: loss {loss_value}, gradient norm {norm.item()}: training diverged "
-                    f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
-            dt = time.perf_counter() - t0
-            tokens_per_s = tc.batch_size * tc.seq_len / dt
-            log = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm.item(),
-                   "tokens_per_s": round(tokens_per_s, 1), "time_s": round(dt, 4)}
-            if device.type == "cuda":
-                log["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                if peak:
-                    log["mfu"] = round(tokens_per_s / world * flops_per_token / peak, 4)
-            elif resource:  # the whole process's peak resident memory, in KiB on Linux
-                log["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-                log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
-            if step + 1 == tc.steps:
-                log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log) + "\n")
-                bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
-                bar.update()
-            if tc.save_every and (step + 1) % tc.save_every == 0:
-                try:
-                    save_state(model, optimizer, tc, step + 1, rank, world, master)
-                except OSError as e:  # a full disk: the last complete checkpoint stays
-                    bar.close()
-                    die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
-                if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
-                    os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
+            marks = (t0, meter.mark())
+            # the previous step is logged now, this one at the next step: reading its numbers waits only
+            # for work already done while this step's kernels are queued, so the GPU never runs dry
+            if pending:
+                write_log(finished(pending))
+            pending = dict(step=step + 1, loss=loss_sum, grad_norm=norm, lr=lr, marks=marks)
+            evaluate_now = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
+            save_now = tc.save_every and (step + 1) % tc.save_every == 0
+            if evaluate_now or save_now:  # the log is complete up to this step before evaluating or saving
+                log = finished(pending)
+                pending = None
+                if evaluate_now:
+                    log["val_loss"] = evaluate(model, val, tc, rank, world, device, amp)
+                write_log(log)
+                if save_now:
+                    try:
+                        save_state(model, optimizer, tc, step + 1, rank, world, master)
+                    except OSError as e:  # a full disk: the last complete checkpoint stays
+                        bar.close()
+                        die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
+                    if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
+                        os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
     bar.close()
+    if master and meter.steps:
+        print(meter.summary(), file=sys.stderr)
 
     # 5) the Hugging Face checkpoint
     try:
@@ -745,7 +829,8 @@ def run(argv, cleanup):
 
 
 def run_and_exit(argv=None):
-    """main(), then leave the process without tearing down the interpreter when it was one of several.
+    """main(), then leave the process without tearing down the interpreter when it used a process group
+    (under torchrun, or FSDP's group of one on a GPU).
 
     Why: gloo runs each collective on a C++ worker thread, and that thread drops its reference to the
     collective's tensors a moment *after* the rank waiting on it has moved on. Freeing a tensor that
@@ -755,7 +840,7 @@ def run_and_exit(argv=None):
     device mesh, and with it the process group, alive until the very end. So once our files are
     written and closed, each rank of a torchrun job flushes its output and ends with os._exit: the
     threads end with the process, and no interpreter shutdown runs beside them."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = "WORLD_SIZE" in os.environ or torch.cuda.is_available()  # when run() may make a process group
     code = 0
     try:
         main(argv)

@@ -12,19 +12,25 @@ theirs alternate, and the median over repetitions is reported.
     python bench/bench.py --sizes 135m --workloads decode --reps 3
     python bench/bench.py --sizes 135m --workloads eval-4096,train-1024
     python bench/bench.py --device cuda            # bf16 on the GPU, peak = torch.cuda.max_memory_allocated
+    # one GPU: Llama 2 7B's layers (8 of them), YaRN s=32 over L=4096, at the paper's lengths
+    python bench/bench.py --device cuda --sizes 7b-8l --workloads train-65536,prefill-131072,decode-131072 --reps 1
 
 Workloads (T = tokens, batch 1):
     eval-T    the mean next-token loss over T tokens, no grad (ours: chunked over the vocabulary;
               transformers: model(ids, labels=...) which materialises the (T, V) fp32 logits)
     logits-T  a plain forward returning the full (T, V) logits
-    train-T   one training step: forward + backward + AdamW
+    train-T   one training step: forward + backward + AdamW, with --checkpointing (transformers has no
+              selective mode: it checkpoints each layer fully unless the mode is none)
+    prefill-T a T-token prompt into the KV cache, no grad (ours: chunked prefill into a cache allocated
+              once; transformers: one forward with a fresh DynamicCache, logits of the last position only)
     decode-P  greedy decoding with a P-token prompt in the KV cache; tokens/s excludes the prefill
               (ours: setup_cache + prefill + model(tok, pos=t, last_only=True);
                transformers: a manual loop with its default DynamicCache, as generate() uses)
 
 Peak memory: on CPU the process's peak RSS (VmHWM, reset after loading so it covers the workload,
 the loaded weights included); on CUDA torch.cuda.max_memory_allocated. The machine's fp32 (bf16 on
-CUDA) matmul peak and copy bandwidth are measured in the same run; forward FLOPs are counted as
+CUDA) matmul peak and copy bandwidth are measured in the same run (on a GPU named in train.py's table,
+the datasheet's dense bf16 peak is used instead: 989 TFLOP/s for H100 and H200); forward FLOPs are counted as
 2 * (weights of every matmul, lm_head included) * T + 2 * T^2 * (H * D) * layers (causal attention:
 QK^T and PV, half the square each), a training step as 3x that.
 Decode is bound by memory bandwidth instead: its "of limit" is (weights + K/V read per token) * tok/s
@@ -51,7 +57,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import Llama, LlamaConfig  # noqa: E402  (after the path: bench/ runs as a script)
+from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402  (after the path: bench/ runs as a script)
 from rope import RopeConfig  # noqa: E402
 
 # The models: "135m" has the shape of SmolLM-135M (a small real Llama-family model), with YaRN x8
@@ -61,13 +67,17 @@ SIZES = {
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # Llama 2 7B's shapes, 8 of its 32 layers: the paper's per-layer work at 64k-128k on one GPU
+    "7b-8l": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+                  num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
 }
 ROPE = dict(method="yarn", theta=10000.0, factor=8.0, original_max_position_embeddings=2048)
+ROPES = {"7b-8l": dict(method="yarn", theta=10000.0, factor=32.0, original_max_position_embeddings=4096)}
 
 DEFAULT_WORKLOADS = ("eval-2048", "eval-8192", "eval-16384", "logits-2048", "train-2048",
                      "decode-4096", "decode-16384")
 QUICK_WORKLOADS = ("eval-256", "eval-1024", "logits-256", "train-256", "decode-256")
-KINDS = ("eval", "logits", "train", "decode")
+KINDS = ("eval", "logits", "train", "prefill", "decode")
 
 # The issue's goals, our/their: speed ratios at least, memory ratios at most.
 GOALS = {("decode", None, "speed"): 1.5, ("train", None, "speed"): 1.2, ("eval", 2048, "speed"): 1.0,
@@ -91,8 +101,10 @@ class BenchConfig:
     threads: int = arg(0, "torch threads (0: every core)")
     decode_tokens: int = arg(0, "new tokens per decode measurement (0: 64 for 135m, 128 for tiny)")
     min_time: float = arg(1.0, "repeat a workload inside one process until this many seconds have passed")
-    compile: bool = arg(False, "torch.compile our model for eval/logits/train (ours only; compile time is "
-                               "not timed)")
+    compile: bool = arg(False, "torch.compile our model for eval/logits/train, and on CUDA our decode step "
+                               "(ours only; compile time is not timed)")
+    checkpointing: str = arg("none", "our activation checkpointing in train workloads: none, full or "
+                                          "selective (transformers: full unless none)")
     cache_dir: str = arg(os.path.join(ROOT, "bench", ".cache"), "where the random checkpoints are saved")
     wait_idle: float = arg(0.0, "on a shared machine: before each measurement wait up to this many seconds "
                                 "for other processes to leave the CPU, and redo (twice at most) a measurement "
@@ -159,7 +171,7 @@ def timed(fn, device, min_time, max_iters=50):
 
 
 def model_config(size):
-    return LlamaConfig(**SIZES[size], rope=RopeConfig(**ROPE))
+    return LlamaConfig(**SIZES[size], rope=RopeConfig(**ROPES.get(size, ROPE)))
 
 
 def num_params(size):
@@ -205,6 +217,12 @@ class Ours:
         # for eval and training only: decoding stays eager, where its row-split projections (model.Linear)
         # beat what inductor makes of a matrix-vector product on this CPU (19 vs 24 tok/s at 4k)
         self.run = torch.compile(self.model, dynamic=True) if compile else self.model
+        # on a GPU decoding is bound by kernel launches: the fixed-shape step as one CUDA graph
+        self.step = self.model.compile_decode() if compile and device == "cuda" else None
+
+    def train_mode(self, checkpointing):
+        self.model.train()
+        self.model.set_activation_checkpointing(checkpointing)
 
     def loss(self, idx, targets):
         return self.run(idx, targets)
@@ -213,11 +231,17 @@ class Ours:
         return self.run(idx)
 
     def start(self, prompt, max_len):
-        """Fill a fresh cache with the prompt; return the first greedy token (B, 1)."""
-        self.model.setup_cache(prompt.size(0), max_len)
+        """Fill the cache with the prompt; return the first greedy token (B, 1). A cache of the same size
+        is reused, as a server would: allocated once, and the same buffers for a captured decode step."""
+        cache = self.model.cache
+        if cache is None or cache.max_len != max_len or cache.tokens.size(0) != prompt.size(0):
+            self.model.cache = None  # the old one goes before the new one is allocated
+            self.model.setup_cache(prompt.size(0), max_len)
         return self.model.prefill(prompt).argmax(-1)
 
     def next(self, tok, pos):
+        if self.step:
+            return self.model.decode(tok, pos, self.step).argmax(-1)
         return self.model(tok, pos=pos, last_only=True).argmax(-1)
 
 
@@ -230,6 +254,11 @@ class Theirs:
         self.model.eval()
         # transformers 5 renamed past_key_values to cache
         self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def train_mode(self, checkpointing):
+        self.model.train()
+        if checkpointing != "none":
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def loss(self, idx, targets):  # transformers shifts the labels itself: they are the inputs
         return self.model(idx, labels=idx, use_cache=False).loss
@@ -284,7 +313,7 @@ def work(spec):
             impl.logits(idx[:, :512])
             sec, iters = timed(lambda: impl.logits(idx), device, spec["min_time"])
     elif kind == "train":
-        impl.model.train()
+        impl.train_mode(spec["checkpointing"])
         opt = torch.optim.AdamW(impl.model.parameters(), lr=1e-5)
 
         def step(n=T):
@@ -293,10 +322,16 @@ def work(spec):
             opt.zero_grad(set_to_none=True)
         step(min(T, 256))  # warm up; AdamW allocates its state here
         sec, iters = timed(step, device, spec["min_time"])
+    elif kind == "prefill":
+        with torch.no_grad():
+            impl.start(idx[:, :512], 512)
+            sec, iters = timed(lambda: impl.start(idx, T), device, spec["min_time"])
     else:  # decode: prompt T tokens, then n greedy tokens one at a time
         n = spec["decode_tokens"]
-        greedy(impl, idx[:, :64], 4)  # warm up the prefill and decode paths
-        with torch.no_grad():
+        with torch.no_grad():  # warm up the prefill and decode paths, with the cache of the real run
+            tok = impl.start(idx[:, :64], T + n)
+            for i in range(3):
+                tok = impl.next(tok, 64 + i)
             sync(device)
             t = time.perf_counter()
             tok = impl.start(idx, T + n)
@@ -312,15 +347,33 @@ def work(spec):
 
 
 def machine_peak(device, dtype, n):
-    """The best square-matmul FLOP/s and copy bandwidth of this machine, in the benchmark's dtype."""
+    """The best square-matmul FLOP/s and copy bandwidth of this machine, in the benchmark's dtype. A GPU
+    does one product or copy in about a millisecond: each timing there covers 10, so that the launch and
+    synchronisation do not count. A GPU with a datasheet peak in train.py's table is held to that."""
+    reps = 10 if device == "cuda" else 1
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
-    matmul = min(timed(lambda: a @ b, device, 0)[0] for _ in range(5))
+
+    def matmuls():
+        for _ in range(reps):
+            a @ b
+    matmul = min(timed(matmuls, device, 0)[0] for _ in range(5)) / reps
     x = torch.ones(n * n * 8, device=device)  # 512 MiB at n = 4096, far beyond any cache
     y = torch.empty_like(x)
     y.copy_(x)
-    copy = min(timed(lambda: y.copy_(x), device, 0)[0] for _ in range(5))
-    return dict(matmul_flops=2 * n**3 / matmul, copy_bytes_per_s=2 * x.numel() * 4 / copy)
+
+    def copies():
+        for _ in range(reps):
+            y.copy_(x)
+    copy = min(timed(copies, device, 0)[0] for _ in range(5)) / reps
+    res = dict(matmul_flops=2 * n**3 / matmul, copy_bytes_per_s=2 * x.numel() * 4 / copy)
+    if device == "cuda":
+        from train import PEAK_BF16_FLOPS
+        name = torch.cuda.get_device_name()
+        datasheet = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if datasheet:
+            res.update(matmul_flops_measured=res["matmul_flops"], matmul_flops=datasheet)
+    return res
 
 
 def check(ckpt, device, compile):
@@ -382,6 +435,8 @@ def build_checkpoint(size, cache_dir):
         torch.manual_seed(0)
         model = Llama(model_config(size))
         model.init_weights()
+        if model.num_params() > 1e9:  # the GPU size: saved in bf16, the dtype it runs in (half the disk)
+            model.to(torch.bfloat16)
         model.save_pretrained(path)
     return path
 
@@ -490,6 +545,8 @@ def resolve(cfg):
     for s in sizes:
         if s not in SIZES:
             die(f"unknown size {s!r}: choose from {', '.join(SIZES)}")
+    if cfg.checkpointing not in CHECKPOINTING:
+        die(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {cfg.checkpointing!r}")
     if cfg.device not in ("cpu", "cuda"):
         die(f"--device must be cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -517,7 +574,8 @@ def main(argv=None):
     sizes, workloads = resolve(cfg)
     threads = cfg.threads or os.cpu_count()
     out = cfg.out or os.path.join(ROOT, "bench", "results", ("quick" if cfg.quick else cfg.device) + ".json")
-    base = dict(device=cfg.device, threads=threads, min_time=cfg.min_time, compile=cfg.compile)
+    base = dict(device=cfg.device, threads=threads, min_time=cfg.min_time, compile=cfg.compile,
+                checkpointing=cfg.checkpointing)
     bytes_per_el = 2 if cfg.device == "cuda" else 4
     t0 = time.time()
 
@@ -528,7 +586,7 @@ def main(argv=None):
     info["loadavg_start"] = os.getloadavg()[0]
     log(f"{info['cpu']}, {info['cores']} cores, {threads} threads, torch {info['torch']}, "
         f"transformers {info['transformers']}, load average {info['loadavg_start']:.2f}")
-    peak_spec = dict(base, task="peak", n=1024 if cfg.quick else 4096)
+    peak_spec = dict(base, task="peak", n=1024 if cfg.quick else 8192 if cfg.device == "cuda" else 4096)
     peaks = [spawn(peak_spec, cfg.wait_idle)]
     if "error" in peaks[0]:
         die(peaks[0]["error"])
@@ -581,7 +639,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(machine=info, config=asdict(cfg), peak=dict(peak, runs=peaks), checks=checks,
-                       models={s: dict(SIZES[s], rope=ROPE, params=num_params(s)) for s in sizes},
+                       models={s: dict(SIZES[s], rope=ROPES.get(s, ROPE), params=num_params(s)) for s in sizes},
                        results=summary), f, indent=1)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table(summary, markdown=True) + "\n")

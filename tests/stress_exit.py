@@ -53,7 +53,7 @@ def main():
         out = os.path.join(work, f"out{i}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), os.path.join(ROOT, "train.py"), "--init", ckpt, "--data", data, "--out", out,
-               *FINETUNE, "--save-every", "3", "--activation-checkpointing"]
+               *FINETUNE, "--save-every", "3", "--activation-checkpointing", "full"]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            cwd=work, timeout=600)
         status = "ok" if r.returncode == 0 else f"FAILED (exit {r.returncode})"

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_demo(out, *extra):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    # the CPU demo, also where there is a GPU (its sizes and expectations are the CPU's)
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(["bash", os.path.join(ROOT, "demo.sh"), "--quick", "--out", str(out), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 

@@ -27,6 +27,7 @@ from rope import RopeConfig  # noqa: E402
 from sample import rope_config  # noqa: E402
 
 L = 64  # original context of the test models
+ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the CLI defaults to CUDA and bf16 where there is a GPU
 VOCAB = 320
 
 
@@ -284,7 +285,7 @@ def texts(tmp_path_factory):
 
 def test_cli_ppl_text_and_bin_data(checkpoint, texts, tmp_path, capsys):
     out = tmp_path / "res" / "ppl.json"
-    ev.main(["ppl", "--model", checkpoint, "--data", str(texts), "--lengths", "128,512",
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts), "--lengths", "128,512",
              "--rope", "model", "--rope", "yarn:4", "--rope", "dynamic-yarn", "--json", str(out)])
     stdout, err = capsys.readouterr()
     res = json.loads(out.read_text())
@@ -311,7 +312,7 @@ def test_cli_ppl_text_and_bin_data(checkpoint, texts, tmp_path, capsys):
     # a .bin split from data/prepare.py gives the same documents, hence the same numbers
     docs_for_prepare = [(str(texts / f"doc{i}.txt"), lambda i=i: (texts / f"doc{i}.txt").read_text()) for i in range(4)]
     prepare(str(tmp_path / "data"), docs_for_prepare[:1], docs_for_prepare, tokenizer=checkpoint)
-    ev.main(["ppl", "--model", checkpoint, "--data", str(tmp_path / "data" / "val.bin"), "--lengths", "128,512",
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(tmp_path / "data" / "val.bin"), "--lengths", "128,512",
              "--rope", "yarn:4", "--json", str(tmp_path / "bin.json"), "--max-docs", "5"])
     res_bin = json.loads((tmp_path / "bin.json").read_text())["results"][0]["ppl"]
     assert res_bin["512"]["ppl"] == pytest.approx(r["ppl"], rel=1e-5)
@@ -320,7 +321,7 @@ def test_cli_ppl_text_and_bin_data(checkpoint, texts, tmp_path, capsys):
 
 def test_cli_ppl_strided_and_plot_optional(checkpoint, texts, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    ev.main(["ppl", "--model", checkpoint, "--data", str(texts / "doc3.txt"), "--lengths", "64,128",
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts / "doc3.txt"), "--lengths", "64,128",
              "--stride", "32", "--json", str(tmp_path / "s.json")])
     stdout, err = capsys.readouterr()
     res = json.loads((tmp_path / "s.json").read_text())["results"][0]["ppl"]
@@ -331,7 +332,7 @@ def test_cli_ppl_strided_and_plot_optional(checkpoint, texts, tmp_path, capsys, 
 
 def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
     for label, rope, lengths in (("base", "none", "128"), ("tuned", "yarn:4", "128,512")):
-        ev.main(["ppl", "--model", checkpoint, "--label", label, "--rope", rope, "--data", str(texts),
+        ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--label", label, "--rope", rope, "--data", str(texts),
                  "--lengths", lengths, "--json", str(tmp_path / f"{label}.json")])
     capsys.readouterr()
     merged = ev.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
@@ -346,7 +347,7 @@ def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
 
 
 def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
-    ev.main(["passkey", "--model", checkpoint, "--lengths", "256,320", "--depths", "0,0.5,1", "--trials", "2",
+    ev.main(["passkey", *ON_CPU, "--model", checkpoint, "--lengths", "256,320", "--depths", "0,0.5,1", "--trials", "2",
              "--rope", "model", "--rope", "dynamic-yarn", "--json", str(tmp_path / "pk.json")])
     stdout, err = capsys.readouterr()
     res = json.loads((tmp_path / "pk.json").read_text())
@@ -363,7 +364,7 @@ def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
     # and the keys asked are odd: data/passkey.py trains on even ones, so none was ever seen in training
     keys, prompt = [], ev.passkey_prompt
     monkeypatch.setattr(ev, "passkey_prompt", lambda tok, n, d, key: keys.append(key) or prompt(tok, n, d, key))
-    ev.main(["passkey", "--model", checkpoint, "--label", "tuned", "--lengths", "256", "--depths", "0,1",
+    ev.main(["passkey", *ON_CPU, "--model", checkpoint, "--label", "tuned", "--lengths", "256", "--depths", "0,1",
              "--trials", "5", "--json", str(tmp_path / "pk2.json")])
     assert keys[0] == 12345 and len(keys) == 11  # a first prompt checks the length, then 2 x 5 trials
     assert all(k % 2 == 1 and 10000 < k < 100000 for k in keys[1:]), keys

@@ -79,7 +79,7 @@ def env(tmp_path_factory):
     shutil.copy(d / "data" / "tokenizer.model", d / "ckpt")
     tiny_checkpoint(d / "deep", layers=64, kv=4)
     shutil.copy(d / "data" / "tokenizer.model", d / "deep")
-    train.main(["--init", str(d / "ckpt"), "--data", str(d / "data"), "--out", str(d / "run"), "--yarn-scale", "2",
+    train.main(["--init", str(d / "ckpt"), "--data", str(d / "data"), "--out", str(d / "run"), "--yarn-scale", "2", "--device", "cpu",
                 "--steps", "1", "--batch-size", "1", "--save-every", "1", "--warmup", "0"])
     (d / "text.txt").write_text("the king speaks of love and death\n")
     e = types.SimpleNamespace(root=d, data=str(d / "data"), ckpt=str(d / "ckpt"), deep=str(d / "deep"),
@@ -350,7 +350,10 @@ CASES = {  # name: (command, argv builder (env, tmp_path), what the one line mus
                                                             "--json", str(t)], "--json"),
     "eval rope factor inf": ("eval", lambda e, t: PPL(e, "--rope", "yarn:inf"), "factor"),
     "eval lengths beyond fp32 positions": ("eval", lambda e, t: PPL(e)[:-1] + [str(2**30)], "--lengths"),
-    "report not ppl": ("eval", lambda e, t: ["report", report_file(t, {"task": "passkey"})], "not the output"),
+    "report neither ppl nor passkey": ("eval", lambda e, t: ["report", report_file(t, {"task": "sample"})],
+                                       "not the output"),
+    "report passkey without depths": ("eval", lambda e, t: ["report", report_file(t, {"task": "passkey",
+                                                                                      "lengths": [8]})], "depths"),
     "report ppl without lengths": ("eval", lambda e, t: ["report", report_file(t, {"task": "ppl"})], "lengths"),
     "report a list": ("eval", lambda e, t: ["report", report_file(t, [1, 2])], "not the output"),
     "report bad cell": ("eval", lambda e, t: ["report", report_file(t, {"task": "ppl", "lengths": [8], "results": [

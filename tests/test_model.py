@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as model_mod
 from model import CheckpointError, Llama, LlamaConfig
@@ -218,16 +219,43 @@ def test_chunked_loss_never_holds_full_logits():
     assert max(calls) * 16384 <= 1 << 26 and sum(calls) == 9000 and len(calls) == 3
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run, by name (what forward and backward really compute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_activation_checkpointing_modes_give_the_same_loss_and_gradients():
     m = tiny("yarn", 4.0).train()
     idx = torch.randint(0, 97, (2, 70))
-    m(idx[:, :-1], idx[:, 1:]).backward()
-    g = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-    m.gradient_checkpointing = True
-    m(idx[:, :-1], idx[:, 1:]).backward()
-    for a, p in zip(g, m.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
+    results, counts = {}, {}
+    for mode in model_mod.CHECKPOINTING:
+        m.set_activation_checkpointing(mode)
+        m.zero_grad()
+        with OpCounter() as ops:
+            loss = m(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+        results[mode] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+        counts[mode] = ops.counts
+    for mode in ("full", "selective"):
+        torch.testing.assert_close(results[mode][0], results["none"][0], rtol=0, atol=0)
+        for a, b in zip(results[mode][1], results["none"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # what each mode recomputes in backward: full runs attention twice per layer, selective keeps its
+    # output (the CPU flash kernel's) and redoes only the cheap rest, such as the projections
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert counts["none"][attention] == counts["selective"][attention] == 2  # 2 layers, once each
+    assert counts["full"][attention] == 4
+    assert counts["none"]["mm"] < counts["selective"]["mm"] == counts["full"]["mm"]
+    with pytest.raises(ValueError, match="selective"):
+        m.set_activation_checkpointing("some")
 
 
 # ---- KV cache: cached decoding equals a full forward pass -------------------------------------------

@@ -22,9 +22,9 @@ from tests.test_train import FINETUNE, losses, tiny_checkpoint, work  # noqa: F4
 
 
 def run(args, capsys):
-    """train.main in this process; returns (exit code, stderr)."""
+    """train.main in this process, on CPU; returns (exit code, stderr)."""
     try:
-        train.main([str(a) for a in args])
+        train.main(["--device", "cpu"] + [str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code

@@ -21,6 +21,7 @@ from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 L = 32  # original context of the test models: prompts of 20 tokens + 30 new ones cross it
+ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the command line's defaults are CUDA and bf16 where there is a GPU
 
 
 def tiny_model(method="none", factor=1.0, vocab=300, seed=0):
@@ -103,6 +104,24 @@ def test_chunked_prefill_equals_one_pass(method):
     torch.testing.assert_close(first[0], full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method,factor", [("yarn", 4.0), ("dynamic-yarn", 1.0)])
+def test_fixed_shape_decode_step_equals_the_cached_forward(method, factor):
+    """model.decode_step (the whole cache, masked) gives the logits of the growing-slice path, also
+    while a dynamic method's scale moves (its RoPE state is in buffers, rewritten in place)."""
+    model = tiny_model(method, factor)
+    prompt = torch.randint(3, 300, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    runs = []
+    for step in (None, model.decode_step):
+        model.setup_cache(1, 64)
+        logits = []
+        new, _ = sample.generate(model, prompt, 40, on_token=lambda t, lg: logits.append(lg.clone()), decode_step=step)
+        runs.append((new, logits, model.cache.rope_len))
+    (want, want_logits, want_len), (got, got_logits, got_len) = runs
+    assert got == want and got_len == want_len and (method == "yarn" or got_len > L)
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 def test_generation_stops_at_eos_and_when_the_cache_is_full():
     model = tiny_model()
     prompt = [5, 6, 7]
@@ -161,7 +180,7 @@ def test_rope_config_override():
 
 def test_cli_streams_greedy_text(checkpoint, capsys):
     sample.main(["--model", checkpoint, "--ctx", "100", "--prompt", "the quick brown", "--temperature", "0",
-                 "--max-new-tokens", "12", "--rope", "dynamic-yarn", "--prefill-chunk", "2"])
+                 "--max-new-tokens", "12", "--rope", "dynamic-yarn", "--prefill-chunk", "2", *ON_CPU])
     out, err = capsys.readouterr()
     tok = load_tokenizer(checkpoint)
     model = Llama.from_pretrained(checkpoint)
@@ -171,6 +190,18 @@ def test_cli_streams_greedy_text(checkpoint, capsys):
     assert out == tok.decode(new) + "\n"
     assert "KV cache: 100 tokens" in err and "dynamic-yarn" in err and "tok/s" in err and "peak memory" in err
     assert "exceeds the 32 tokens" in err  # --ctx 100 > L = 32: one note, and it went on
+
+
+def test_cli_compiled_decoding_gives_the_eager_tokens(checkpoint, capsys):
+    """--compile: the fixed-shape step through torch.compile (inductor on a CPU) writes the same text,
+    with a dynamic method whose scale moves on the way (L = 32, 40 new tokens)."""
+    args = ["--model", checkpoint, "--ctx", "100", "--prompt", "the quick brown", "--temperature", "0",
+            "--max-new-tokens", "40", "--rope", "dynamic-yarn", *ON_CPU]
+    sample.main(args)
+    eager = capsys.readouterr().out
+    sample.main(args + ["--compile"])
+    out, err = capsys.readouterr()
+    assert out == eager and "compiled the decode step" in err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -66,10 +66,11 @@ def free_port():
 
 
 def run_train(args, nproc=None, env=None):
-    """train.py under torchrun with nproc CPU processes, or as a plain `python train.py` (nproc None)."""
+    """train.py under torchrun with nproc CPU processes, or as a plain `python train.py` (nproc None).
+    On CPU even where there is a GPU: these are tests of the CPU path."""
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port())] if nproc else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run(launch + [os.path.join(ROOT, "train.py")] + [str(a) for a in args],
                           capture_output=True, text=True, env=env, timeout=300)
 
@@ -81,10 +82,10 @@ def losses(out):
 
 @pytest.fixture(scope="module")
 def fsdp_out(work):
-    """Two processes, FSDP2 over gloo, activation checkpointing on, a checkpoint every 3 steps."""
+    """Two processes, FSDP2 over gloo, full activation checkpointing, a checkpoint every 3 steps."""
     out = work / "fsdp"
     r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
-                   "--save-every", "3", "--activation-checkpointing"], nproc=2)
+                   "--save-every", "3", "--activation-checkpointing", "full"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -114,7 +115,7 @@ def test_one_and_two_processes_agree(work, fsdp_out):
     # one plain process (no FSDP), and no activation checkpointing: neither may change the numbers
     out = work / "single"
     r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
-                   "--save-every", "0", "--no-activation-checkpointing"])
+                   "--save-every", "0", "--activation-checkpointing", "none"])
     assert r.returncode == 0, r.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(fsdp_out)), atol=1e-5, rtol=1e-5)
     one, two = load_file(out / "model.safetensors"), load_file(fsdp_out / "model.safetensors")
@@ -122,10 +123,34 @@ def test_one_and_two_processes_agree(work, fsdp_out):
         torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=1e-4)
 
 
+def test_fsdp_in_one_process_and_selective_checkpointing_agree(work, fsdp_out):
+    # torchrun with one process takes the FSDP2 path (a mesh of one), as a single GPU does; with
+    # selective checkpointing: the same losses as two processes with full checkpointing
+    out = work / "fsdp1"
+    r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
+                   "--save-every", "0", "--activation-checkpointing", "selective"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(fsdp_out)), atol=1e-5, rtol=1e-5)
+    with open(out / "metrics.jsonl") as f:
+        logs = [json.loads(line) for line in f]
+    assert "first_step_s" in logs[0] and all("first_step_s" not in l for l in logs[1:])
+    assert "tokens/s over the last 5 steps" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_fsdp_training_equals_eager(work, fsdp_out, mode):
+    # --compile with FSDP2 (one process) and checkpointing: the losses of the eager runs
+    out = work / f"compiled-{mode}"
+    r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
+                   "--save-every", "0", "--activation-checkpointing", mode, "--compile"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(fsdp_out)), atol=1e-5, rtol=1e-5)
+
+
 def test_resume_after_sigkill_is_exact(work, fsdp_out):
     out = work / "killed"
     args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
-            "--save-every", "3", "--activation-checkpointing"]
+            "--save-every", "3", "--activation-checkpointing", "full"]
     r = run_train(args, nproc=2, env={"TRAIN_TEST_SIGKILL_AT_STEP": "3"})  # rank 0 dies right after saving step 3
     assert r.returncode != 0
     assert os.listdir(out / "checkpoints") == ["step-000003"] and not (out / "config.json").exists()
@@ -148,7 +173,7 @@ def test_resume_on_another_world_size(work, fsdp_out):
     together from the shards, so the run ends where the 2-process one did (up to float summation order)."""
     out = work / "reshard"
     args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
-            "--save-every", "3", "--activation-checkpointing"]
+            "--save-every", "3", "--activation-checkpointing", "full"]
     r = run_train(args, nproc=2, env={"TRAIN_TEST_SIGKILL_AT_STEP": "3"})
     assert r.returncode != 0 and sorted(os.listdir(out / "checkpoints" / "step-000003")) == [
         "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "train_state.json"]
@@ -162,7 +187,7 @@ def test_resume_on_another_world_size(work, fsdp_out):
 
 def test_pretrain_from_scratch(work):
     out = work / "scratch"
-    train.main(["--init", "scratch", "--data", str(work / "data"), "--out", str(out), "--seq-len", "64",
+    train.main(["--init", "scratch", "--data", str(work / "data"), "--out", str(out), "--seq-len", "64", "--device", "cpu",
                 "--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "2", "--steps", "8",
                 "--batch-size", "4", "--warmup", "2", "--save-every", "0", "--eval-every", "4"])
     curve = losses(out)
@@ -210,7 +235,7 @@ BAD_INPUTS = {  # case: (flags over a good command, environment, what the messag
 def test_bad_input_is_one_line_and_exit_2(work, bad, case, capsys, monkeypatch):
     extra, env, message = BAD_INPUTS[case]
     args = {"--init": str(work / "ckpt"), "--data": str(work / "data"), "--out": str(work / "bad-out"),
-            "--steps": "1", "--batch-size": "2"}
+            "--steps": "1", "--batch-size": "2", "--device": "cpu"}
     args.update({flag: value.format(work=work, bad=bad) for flag, value in zip(extra[::2], extra[1::2])})
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -229,5 +254,5 @@ def test_bad_input_from_the_command_line(work):
 def test_refuses_to_overwrite_checkpoints_without_resume(work, fsdp_out, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--init", str(work / "ckpt"), "--data", str(work / "data"), "--out", str(fsdp_out),
-                    *FINETUNE])
+                    "--device", "cpu", *FINETUNE])
     assert e.value.code == 2 and "--resume" in capsys.readouterr().err

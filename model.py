@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_scale, rope_cos_sin
+from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_attention_factor, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -331,7 +331,7 @@ class Llama(nn.Module):
         if key not in self._rope_tables:
             if len(self._rope_tables) > 64:
                 self._rope_tables.clear()
-            inv_freq, a = inv_freq_and_scale(self.config.rope, rope_len)
+            inv_freq, a = inv_freq_and_attention_factor(self.config.rope, rope_len)
             self._rope_tables[key] = (inv_freq.to(device), a)
         return self._rope_tables[key]
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model import Llama, LlamaConfig  # noqa: E402
-from rope import RopeConfig, inv_freq_and_scale  # noqa: E402
+from rope import RopeConfig, inv_freq_and_attention_factor  # noqa: E402
 
 
 def hf_rope(D, b, max_pos, params, seq_len=None):
@@ -49,7 +49,7 @@ def rope_parity():
             hf_inv, hf_a = hf_rope(D, b, max_pos, params, seq_len)
             ours = RopeConfig.from_hf({"hidden_size": 4 * D, "num_attention_heads": 4, "head_dim": D,
                                        "max_position_embeddings": max_pos, "rope_theta": b}, rope_scaling=params)
-            inv, a = inv_freq_and_scale(ours, seq_len)
+            inv, a = inv_freq_and_attention_factor(ours, seq_len)
             abs_d = (inv - hf_inv).abs().max().item()
             rel_d = ((inv - hf_inv).abs() / hf_inv.abs()).max().item()
             w = worst.setdefault(name, [0.0, 0.0, 0.0, 0])

@@ -392,7 +392,7 @@ class Llama(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype=None, device=None, dynamic_growth=1.25, chunk_size=4096):
         """Allocate the KV cache once for `max_len` positions (in the weights' dtype by default).
 
-        Static methods cache rotated keys, as usual. Dynamic methods (dynamic-ntk, dynamic-yarn) rescale
+        Static methods cache rotated keys, as usual. Dynamic methods (dynamic-ntk, dynamic-yarn, longrope) rescale
         RoPE with the total length, and with more than one layer even un-rotated keys would go stale: the
         keys of layer 2 depend on layer 1's attention, which depended on the old scale. So the cache
         records the length its scale was computed for (`rope_len`); when the text outgrows it, the

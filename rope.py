@@ -2,7 +2,7 @@
 Rotary position embeddings (RoPE) and every way of stretching them to a longer context.
 
 What this file teaches: RoPE scaling, one method at a time, in the order the methods appeared (as in
-section 3 of the YaRN paper, arXiv 2309.00071), then Llama 3.1's. Read it top to bottom; the
+section 3 of the YaRN paper, arXiv 2309.00071), then Llama 3.1's and LongRoPE. Read it top to bottom; the
 translation from and to Hugging Face config.json files is at the bottom, out of the way.
 
     from rope import RopeConfig, inv_freq_and_attention_factor, rope_cos_sin, apply_rope
@@ -40,6 +40,8 @@ The paper's symbols, and ours (RopeConfig field = config.json key, and the comma
     gamma(r)    by_parts_gamma                      1 keeps theta_d, 0 interpolates it to theta_d / s
     sqrt(1/t)   a (attention_factor)                YaRN's temperature t: logits are scaled by a^2 = 1/t
     l           seq_len                             the current total length (dynamic methods)
+    lambda_i    short_factor, long_factor           LongRoPE's searched per-pair divisors of theta_d
+                (LongRoPE paper)                    (its lambda is not our wavelength)
 
 "factor" is always s and "attention factor" always a; nothing here is called a "scale".
 
@@ -75,6 +77,8 @@ class RopeConfig:
     truncate: bool = True         # YaRN: round the correction range to whole pairs (transformers' default)
     low_freq_factor: float = 1.0  # llama3: wavelengths above L/low_freq_factor are interpolated
     high_freq_factor: float = 4.0  # llama3: wavelengths below L/high_freq_factor are kept
+    short_factor: tuple | None = None  # longrope: D/2 divisors of theta_d for l <= L
+    long_factor: tuple | None = None   # longrope: D/2 divisors of theta_d for l > L
 
     def __post_init__(self):
         check_rope(self)  # the checks live at the bottom, with the config.json translation
@@ -236,11 +240,28 @@ def llama3(cfg, seq_len=None):
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
+# ---- 9. LongRoPE (Ding et al. 2024; Phi-3) ------------------------------------------------------------
+
+def longrope(cfg, seq_len=None):
+    """theta'_d = theta_d / lambda_d, with one divisor per pair found by search rather than by a formula:
+    `long_factor` once the text is longer than L (l > L), `short_factor` up to L. a = sqrt(1 + ln s / ln L)
+    for s > 1 (Phi-3's rule), unless config.json gives attention_factor. As transformers does it:
+    the choice follows l = the largest position + 1 of the current forward, and a does not depend on l."""
+    s, L = cfg.factor, cfg.original_max_position_embeddings
+    divisors = cfg.long_factor if seq_len and seq_len > L else cfg.short_factor
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+    inv_freq = 1.0 / (torch.tensor(divisors, dtype=torch.float32) * cfg.theta ** exponents)
+    if cfg.attention_factor is not None:
+        return inv_freq, cfg.attention_factor
+    return inv_freq, 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(L))
+
+
 # ---- the table: a method's name -> (cfg, seq_len) -> (inverse frequencies, attention factor) -------
 
 METHODS = {"none": plain_rope, "linear": position_interpolation, "ntk": ntk_aware, "dynamic-ntk": dynamic_ntk,
-           "ntk-by-parts": ntk_by_parts, "yarn": yarn, "dynamic-yarn": dynamic_yarn, "llama3": llama3}
-DYNAMIC_METHODS = ("dynamic-ntk", "dynamic-yarn")  # the ones that read seq_len
+           "ntk-by-parts": ntk_by_parts, "yarn": yarn, "dynamic-yarn": dynamic_yarn, "llama3": llama3,
+           "longrope": longrope}
+DYNAMIC_METHODS = ("dynamic-ntk", "dynamic-yarn", "longrope")  # the ones that read seq_len
 
 
 def inv_freq_and_attention_factor(cfg, seq_len=None):
@@ -313,12 +334,25 @@ def check_rope(cfg):
         raise ValueError(f"RoPE truncate must be true or false, got {cfg.truncate!r}")
     if cfg.method == "llama3" and not cfg.high_freq_factor > cfg.low_freq_factor:
         raise ValueError("llama3 RoPE needs high_freq_factor > low_freq_factor")
+    for f in ("short_factor", "long_factor"):
+        v = getattr(cfg, f)
+        if v is None and cfg.method == "longrope":
+            raise ValueError(f"longrope RoPE needs {f}, a list of head_dim/2 = {cfg.head_dim // 2} numbers")
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) != cfg.head_dim // 2:
+            raise ValueError(f"RoPE {f} must be a list of head_dim/2 = {cfg.head_dim // 2} numbers, got "
+                             f"{len(v) if isinstance(v, (list, tuple)) else repr(v)}")
+        for i, x in enumerate(v):
+            if not check_number(f"RoPE {f}[{i}]", x) > 0:
+                raise ValueError(f"RoPE {f}[{i}] must be > 0, got {x}")
+        setattr(cfg, f, tuple(v))  # immutable, and equal however it was given
 
 
 # Hugging Face "rope_type" names <-> ours. ntk-by-parts is written as yarn with attention_factor 1;
 # static ntk has no type of its own (its base change is baked into rope_theta on save).
 _FROM_HF_TYPE = {"default": "none", "none": "none", "linear": "linear", "dynamic": "dynamic-ntk",
-                 "yarn": "yarn", "llama3": "llama3"}
+                 "yarn": "yarn", "llama3": "llama3", "longrope": "longrope", "su": "longrope"}  # su: early Phi-3
 
 
 def rope_from_hf(config, rope_scaling=...):
@@ -359,15 +393,15 @@ def rope_from_hf(config, rope_scaling=...):
     if method == "none":
         factor = 1.0
     elif factor is None:
-        if method == "yarn" and "original_max_position_embeddings" in scaling:
-            factor = max_pos / L  # transformers' rule for yarn configs without a factor
+        if method == "yarn" and "original_max_position_embeddings" in scaling or method == "longrope":
+            factor = max_pos / L  # transformers' rule for yarn and longrope (Phi-3) configs without a factor
         else:
             raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'")
-    if method == "llama3":
-        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                   if k not in scaling]
-        if missing:
-            raise ValueError(f"llama3 rope_scaling is missing {', '.join(missing)}")
+    required = {"llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "longrope": ("short_factor", "long_factor")}
+    missing = [k for k in required.get(method, ()) if k not in scaling]
+    if missing:
+        raise ValueError(f"{method} rope_scaling is missing {', '.join(missing)}")
     optional = {f.name: scaling[f.name] for f in fields(RopeConfig)
                 if f.name in scaling and scaling[f.name] is not None
                 and f.name not in ("method", "theta", "head_dim", "factor", "original_max_position_embeddings")}
@@ -387,7 +421,7 @@ def rope_to_hf(cfg):
     vLLM and llama.cpp's converter: {"rope_theta", "rope_scaling", "max_position_embeddings"}."""
     s, L = cfg.factor, cfg.original_max_position_embeddings
     out = {"rope_theta": cfg.theta, "rope_scaling": None, "max_position_embeddings": L}
-    if cfg.method == "none" or s == 1.0 and cfg.method != "dynamic-yarn":
+    if cfg.method == "none" or s == 1.0 and cfg.method not in ("dynamic-yarn", "longrope"):
         return out
     if cfg.method == "linear":     # vLLM multiplies max_position_embeddings by the factor itself
         out["rope_scaling"] = {"rope_type": "linear", "factor": s}
@@ -399,6 +433,12 @@ def rope_to_hf(cfg):
     elif cfg.method == "llama3":
         out["rope_scaling"] = {"rope_type": "llama3", "factor": s, "original_max_position_embeddings": L,
                                "low_freq_factor": cfg.low_freq_factor, "high_freq_factor": cfg.high_freq_factor}
+        out["max_position_embeddings"] = int(s * L)
+    elif cfg.method == "longrope":  # vLLM and llama.cpp take s from max_position_embeddings / L
+        out["rope_scaling"] = {"rope_type": "longrope", "factor": s, "original_max_position_embeddings": L,
+                               "short_factor": list(cfg.short_factor), "long_factor": list(cfg.long_factor)}
+        if cfg.attention_factor is not None:
+            out["rope_scaling"]["attention_factor"] = cfg.attention_factor
         out["max_position_embeddings"] = int(s * L)
     else:  # yarn, ntk-by-parts (= yarn with a = 1), dynamic-yarn (saved as static yarn + our marker)
         rs = {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L}

@@ -23,21 +23,21 @@ def plain(D, b):
 
 # ---- transformers parity (float32, bit-for-bit where the arithmetic is the same) --------------------
 
-def hf_inv_freq(D, b, L, scaling, seq_len=None):
+def hf_inv_freq(D, b, L, scaling, seq_len=None, **top):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     params = {"rope_theta": b, **(scaling or {"rope_type": "default"})}
     cfg = transformers.LlamaConfig(hidden_size=D * 4, num_attention_heads=4, head_dim=D,
-                                   max_position_embeddings=L, rope_parameters=params)
+                                   max_position_embeddings=L, rope_parameters=params, **top)
     kind = params["rope_type"]
     if kind == "default":
         return transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     return ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", seq_len=seq_len)
 
 
-def ours(D, b, L, scaling, seq_len=None):
+def ours(D, b, L, scaling, seq_len=None, **top):
     hf_config = {"hidden_size": D * 4, "num_attention_heads": 4, "head_dim": D,
-                 "max_position_embeddings": L, "rope_theta": b, "rope_scaling": scaling}
+                 "max_position_embeddings": L, "rope_theta": b, "rope_scaling": scaling, **top}
     return inv_freq_and_attention_factor(RopeConfig.from_hf(hf_config), seq_len)
 
 
@@ -73,6 +73,30 @@ def test_parity_with_transformers(D, b, s, L):
         assert_same(ours(D, b, L, sc, seq_len), hf_inv_freq(D, b, L, sc, seq_len))
 
 
+def longrope_factors(D, s, seed):
+    """Per-pair divisors shaped like Phi-3's: short ones near 1, long ones rising towards about s."""
+    g = torch.Generator().manual_seed(seed)
+    short = (1 + 0.5 * torch.rand(D // 2, generator=g, dtype=torch.float64)).tolist()
+    noise = 1 + 0.1 * torch.rand(D // 2, generator=g, dtype=torch.float64)
+    return short, (torch.linspace(1, s, D // 2, dtype=torch.float64) * noise).tolist()
+
+
+@pytest.mark.parametrize("D,b,s,L", GRID)
+def test_longrope_parity_with_transformers(D, b, s, L):
+    short, long = longrope_factors(D, s, seed=D + int(s) + L)
+    base = {"rope_type": "longrope", "short_factor": short, "long_factor": long}
+    variants = [  # (rope_scaling, top-level config.json keys)
+        ({**base, "original_max_position_embeddings": L}, {}),            # s from max_position_embeddings / L
+        ({**base, "original_max_position_embeddings": L, "factor": s}, {}),
+        ({**base, "original_max_position_embeddings": L, "attention_factor": 1.3}, {}),
+        (base, {"original_max_position_embeddings": L}),                    # Phi-3: L at the top level
+        ({**base, "short_factor": [1] * (D // 2), "original_max_position_embeddings": L}, {}),  # integers
+    ]
+    for sc, top in variants:
+        for seq_len in (None, L // 2, L, L + 1, int(s * L)):  # short up to L, long past it
+            assert_same(ours(D, b, int(s * L), sc, seq_len, **top), hf_inv_freq(D, b, int(s * L), sc, seq_len, **top))
+
+
 def test_parity_of_cos_sin_with_transformers_rotary_module():
     transformers = pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -95,6 +119,8 @@ def test_parity_of_cos_sin_with_transformers_rotary_module():
 # ---- formulas of the notes, for every method (no transformers needed) -------------------------------
 
 def cfg_of(method, D=128, b=1e4, s=8.0, L=4096, **kw):
+    if method == "longrope":  # divisors of its own: 1 for l <= L (plain RoPE), 1 .. s past L
+        kw = {"short_factor": [1.0] * (D // 2), "long_factor": torch.linspace(1, s, D // 2).tolist(), **kw}
     return RopeConfig(method=method, theta=b, head_dim=D, factor=s, original_max_position_embeddings=L, **kw)
 
 
@@ -117,6 +143,20 @@ def test_formulas_from_the_notes(D, b, s, L):
     lam = 2 * math.pi / theta
     g = ((L / lam - 1) / (4 - 1)).clamp(0, 1)
     torch.testing.assert_close(f("llama3"), (1 - g) * theta / s + g * theta, rtol=rtol, atol=0)
+
+
+def test_longrope_from_the_formula():
+    D, b, s, L = 64, 1e4, 16.0, 4096
+    short, long = longrope_factors(D, s, seed=0)
+    cfg = cfg_of("longrope", D, b, s, L, short_factor=short, long_factor=long)
+    a = math.sqrt(1 + math.log(s) / math.log(L))
+    for l, divisors in ((None, short), (1, short), (L, short), (L + 1, long), (64 * L, long)):
+        inv, got_a = inv_freq_and_attention_factor(cfg, l)
+        torch.testing.assert_close(inv.double(), plain(D, b) / torch.tensor(divisors, dtype=torch.float64),
+                                   rtol=2e-6, atol=0)
+        assert got_a == pytest.approx(a, rel=1e-12)
+    assert inv_freq_and_attention_factor(cfg.replace(factor=1.0))[1] == 1.0
+    assert inv_freq_and_attention_factor(cfg.replace(attention_factor=0.7), L + 1)[1] == 0.7
 
 
 def test_correction_ranges_from_the_notes():
@@ -207,6 +247,19 @@ def test_to_hf_and_back(method):
         assert back.method == method
 
 
+def test_longrope_from_a_phi3_config_and_back():
+    short, long = longrope_factors(96, 32.0, seed=3)
+    phi3 = {"hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "su", "short_factor": short, "long_factor": long}}  # "su": its early name
+    cfg = RopeConfig.from_hf(phi3)
+    assert (cfg.method, cfg.factor, cfg.original_max_position_embeddings, cfg.head_dim) == ("longrope", 32.0, 4096, 96)
+    assert cfg.short_factor == tuple(short) and cfg.long_factor == tuple(long)
+    out = cfg.to_hf()
+    assert out["max_position_embeddings"] == 131072 and out["rope_scaling"]["rope_type"] == "longrope"
+    assert RopeConfig.from_hf({**phi3, **out}) == cfg
+
+
 def test_from_hf_forms():
     v4 = {**BASE_HF, "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 4096}}
     v5 = {**BASE_HF, "rope_parameters": {"rope_type": "yarn", "factor": 16.0, "rope_theta": 10000.0,
@@ -224,6 +277,11 @@ def test_from_hf_forms():
 
 @pytest.mark.parametrize("bad", [
     {"rope_type": "longrope", "factor": 2.0},
+    {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 63, "long_factor": [1.0] * 64},
+    {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 64, "long_factor": [1.0] * 63 + [0.0]},
+    {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 64, "long_factor": [1.0] * 63 + ["2"]},
+    {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 64, "long_factor": [1.0] * 63 + [math.inf]},
+    {"rope_type": "longrope", "factor": 2.0, "short_factor": "1" * 64, "long_factor": [1.0] * 64},
     {"rope_type": "banana", "factor": 2.0},
     {"rope_type": "linear", "factor": 0.5},
     {"rope_type": "linear"},

@@ -2,8 +2,8 @@
 Rotary position embeddings (RoPE) and every way of stretching them to a longer context.
 
 What this file teaches: RoPE scaling, one method at a time, in the order the methods appeared (as in
-section 3 of the YaRN paper, arXiv 2309.00071), then Llama 3.1's and LongRoPE. Read it top to bottom; the
-translation from and to Hugging Face config.json files is at the bottom, out of the way.
+section 3 of the YaRN paper, arXiv 2309.00071), then Llama 3.1's and LongRoPE's. Read it top to bottom;
+the translation from and to Hugging Face config.json files is at the bottom, out of the way.
 
     from rope import RopeConfig, inv_freq_and_attention_factor, rope_cos_sin, apply_rope
     cfg = RopeConfig(method="yarn", theta=10000.0, head_dim=128, factor=32,
@@ -32,7 +32,8 @@ The paper's symbols, and ours (RopeConfig field = config.json key, and the comma
     theta_d     inv_freq                            b^(-2d/D), the angle per position of pair d
     lambda_d    wavelen                             2 pi / theta_d, positions per full turn of pair d
     L           original_max_position_embeddings    the context the model was trained on
-    s           factor (--rope-factor, --yarn-scale)  L'/L, how many times longer the new context is
+    s           factor                              L'/L, how many times longer the new context is
+                                                    (flags: --rope-factor, and train.py's --yarn-scale)
     L'          s * L (max_position_embeddings)     the new context
     r(d)        L / wavelen                         how many full turns pair d makes within L
     alpha       beta_slow                           by-parts: fewer turns than this: interpolate (1)
@@ -40,10 +41,11 @@ The paper's symbols, and ours (RopeConfig field = config.json key, and the comma
     gamma(r)    by_parts_gamma                      1 keeps theta_d, 0 interpolates it to theta_d / s
     sqrt(1/t)   a (attention_factor)                YaRN's temperature t: logits are scaled by a^2 = 1/t
     l           seq_len                             the current total length (dynamic methods)
-    lambda_i    short_factor, long_factor           LongRoPE's searched per-pair divisors of theta_d
-                (LongRoPE paper)                    (its lambda is not our wavelength)
+    f_d         short_factor, long_factor           LongRoPE's searched per-pair divisors of theta_d
+                                                    (that paper's lambda_i, not our wavelength)
 
-"factor" is always s and "attention factor" always a; nothing here is called a "scale".
+"factor" is always s and "attention factor" always a (the only "scale" is the flag --yarn-scale, s).
+Not to be confused: llama3's low_freq_factor/high_freq_factor and LongRoPE's per-pair factors.
 
 Conventions worth knowing:
 - Pairing is split-half ("rotate_half"): dims d and d + D/2 form a pair. That is the layout of
@@ -72,7 +74,7 @@ class RopeConfig:
     beta_fast: float = 32.0       # by-parts beta: pairs turning more often than this within L are kept
     beta_slow: float = 1.0        # by-parts alpha: pairs turning less often than this are interpolated
     attention_factor: float | None = None  # a, when given: replaces YaRN's computed 0.1 ln(s) + 1
-    mscale: float | None = None   # DeepSeek-style YaRN: a = yarn_attention_factor(s, mscale) / (s, mscale_all_dim)
+    mscale: float | None = None   # DeepSeek-style YaRN: a = (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1)
     mscale_all_dim: float | None = None
     truncate: bool = True         # YaRN: round the correction range to whole pairs (transformers' default)
     low_freq_factor: float = 1.0  # llama3: wavelengths above L/low_freq_factor are interpolated
@@ -209,7 +211,7 @@ def yarn(cfg, seq_len=None):
     return by_parts_inv_freq(cfg, s), a
 
 
-# ---- 7. Dynamic YaRN (YaRN paper section 3.3) -------------------------------------------------------
+# ---- 7. Dynamic YaRN (YaRN paper: its "Dynamic Scaling" applied to YaRN) ----------------------------
 
 def dynamic_yarn(cfg, seq_len=None):
     """YaRN with s = max(1, l/L) from the current length l, for the frequencies and a both.
@@ -240,10 +242,10 @@ def llama3(cfg, seq_len=None):
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
-# ---- 9. LongRoPE (Ding et al. 2024; Phi-3) ------------------------------------------------------------
+# ---- 9. LongRoPE (Ding et al. 2024; Phi-3) ----------------------------------------------------------
 
 def longrope(cfg, seq_len=None):
-    """theta'_d = theta_d / lambda_d, with one divisor per pair found by search rather than by a formula:
+    """theta'_d = theta_d / f_d, with one divisor per pair found by search rather than by a formula:
     `long_factor` once the text is longer than L (l > L), `short_factor` up to L. a = sqrt(1 + ln s / ln L)
     for s > 1 (Phi-3's rule), unless config.json gives attention_factor. As transformers does it:
     the choice follows l = the largest position + 1 of the current forward, and a does not depend on l."""
@@ -256,7 +258,7 @@ def longrope(cfg, seq_len=None):
     return inv_freq, 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(L))
 
 
-# ---- the table: a method's name -> (cfg, seq_len) -> (inverse frequencies, attention factor) -------
+# ---- the table: a method's name -> (cfg, seq_len) -> (inverse frequencies, attention factor) --------
 
 METHODS = {"none": plain_rope, "linear": position_interpolation, "ntk": ntk_aware, "dynamic-ntk": dynamic_ntk,
            "ntk-by-parts": ntk_by_parts, "yarn": yarn, "dynamic-yarn": dynamic_yarn, "llama3": llama3,

@@ -418,7 +418,9 @@ class Llama(nn.Module):
         """The length a dynamic method scales for once the text is `length` tokens long."""
         L, growth, max_len = self.config.rope.original_max_position_embeddings, self.cache.growth, self.cache.max_len
         if length <= L:
-            return L  # every l <= L is plain RoPE
+            return L  # every l <= L is plain RoPE (longrope: its short factors)
+        if self.config.rope.method == "longrope":
+            return max_len  # past L its tables no longer change: one recomputation, not one per step
         if growth <= 1:
             return length
         n = L

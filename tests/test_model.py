@@ -287,7 +287,15 @@ def test_cached_decoding_equals_full_forward_dynamic(method, growth):
 
 def test_cached_decoding_equals_full_forward_longrope():
     # longrope switches from its short to its long factors once the text passes L: the prefix is recomputed
-    assert decode_and_compare(tiny("longrope", 8.0, layers=3, **LONGROPE), 20, 30, 1.25) < 1e-4
+    for growth in (1.0, 1.25):
+        assert decode_and_compare(tiny("longrope", 8.0, layers=3, **LONGROPE), 20, 30, growth) < 1e-4
+    m = tiny("longrope", 8.0, **LONGROPE)
+    m.setup_cache(1, 100, dynamic_growth=1.0)
+    with torch.no_grad():
+        m.prefill(torch.randint(0, 97, (1, L)))
+        assert m.cache.rope_len == L
+        m(torch.tensor([[5]]), pos=L)
+        assert m.cache.rope_len == 100  # any length past L: the prefix is recomputed once, not at every step
 
 
 def test_dynamic_exact_mode_matches_the_true_dynamic_forward():

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_scale, rope_cos_sin
+from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_attention_factor, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -389,7 +389,7 @@ class Llama(nn.Module):
         if key not in self._rope_tables:
             if len(self._rope_tables) > 64:
                 self._rope_tables.clear()
-            inv_freq, a = inv_freq_and_scale(self.config.rope, rope_len)
+            inv_freq, a = inv_freq_and_attention_factor(self.config.rope, rope_len)
             self._rope_tables[key] = (inv_freq.to(device), a)
         return self._rope_tables[key]
 
@@ -446,7 +446,7 @@ class Llama(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype=None, device=None, dynamic_growth=1.25, chunk_size=4096):
         """Allocate the KV cache once for `max_len` positions (in the weights' dtype by default).
 
-        Static methods cache rotated keys, as usual. Dynamic methods (dynamic-ntk, dynamic-yarn) rescale
+        Static methods cache rotated keys, as usual. Dynamic methods (dynamic-ntk, dynamic-yarn, longrope) rescale
         RoPE with the total length, and with more than one layer even un-rotated keys would go stale: the
         keys of layer 2 depend on layer 1's attention, which depended on the old scale. So the cache
         records the length its scale was computed for (`rope_len`); when the text outgrows it, the
@@ -481,7 +481,9 @@ class Llama(nn.Module):
         """The length a dynamic method scales for once the text is `length` tokens long."""
         L, growth, max_len = self.config.rope.original_max_position_embeddings, self.cache.growth, self.cache.max_len
         if length <= L:
-            return L  # every l <= L is plain RoPE
+            return L  # every l <= L is plain RoPE (longrope: its short factors)
+        if self.config.rope.method == "longrope":
+            return max_len  # past L its tables no longer change: one recomputation, not one per step
         if growth <= 1:
             return length
         n = L

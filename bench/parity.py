@@ -4,7 +4,8 @@ How close are rope.py and model.py to Hugging Face transformers? Prints the wors
     python bench/parity.py            # needs transformers (pip install -r requirements-dev.txt)
 
 1. inv_freq and attention factor of every method transformers also has, over the grid of the tests:
-   head dims 64/128, bases 1e4/5e5, factors 2..64, original lengths 2048..8192 (and the yarn keys).
+   head dims 64/128, bases 1e4/5e5, factors 2..64, original lengths 2048..8192 (and the yarn keys;
+   longrope with random per-pair factors, at a length within L and one past it).
 2. Logits of a small random GQA model saved by us and loaded by transformers' LlamaForCausalLM, fp32.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model import Llama, LlamaConfig  # noqa: E402
-from rope import RopeConfig, inv_freq_and_scale  # noqa: E402
+from rope import RopeConfig, inv_freq_and_attention_factor  # noqa: E402
 
 
 def hf_rope(D, b, max_pos, params, seq_len=None):
@@ -28,6 +29,14 @@ def hf_rope(D, b, max_pos, params, seq_len=None):
     if params["rope_type"] == "default":
         return transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, "cpu", seq_len=seq_len)
+
+
+def longrope_factors(D, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    short = 1 + 0.5 * torch.rand(D // 2, generator=g, dtype=torch.float64)
+    noise = 1 + 0.1 * torch.rand(D // 2, generator=g, dtype=torch.float64)
+    long = torch.linspace(1, s, D // 2, dtype=torch.float64) * noise
+    return {"short_factor": short.tolist(), "long_factor": long.tolist()}
 
 
 def rope_parity():
@@ -45,11 +54,14 @@ def rope_parity():
             name = "yarn" + "".join(f" {k}" for k in extra)
             cases[name] = ({"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L, **extra},
                            int(s * L), None)
+        lr = {"rope_type": "longrope", "original_max_position_embeddings": L, **longrope_factors(D, s, D + int(s) + L)}
+        cases["longrope short"] = (lr, int(s * L), L)
+        cases["longrope long"] = (lr, int(s * L), L + 1)
         for name, (params, max_pos, seq_len) in cases.items():
             hf_inv, hf_a = hf_rope(D, b, max_pos, params, seq_len)
             ours = RopeConfig.from_hf({"hidden_size": 4 * D, "num_attention_heads": 4, "head_dim": D,
                                        "max_position_embeddings": max_pos, "rope_theta": b}, rope_scaling=params)
-            inv, a = inv_freq_and_scale(ours, seq_len)
+            inv, a = inv_freq_and_attention_factor(ours, seq_len)
             abs_d = (inv - hf_inv).abs().max().item()
             rel_d = ((inv - hf_inv).abs() / hf_inv.abs()).max().item()
             w = worst.setdefault(name, [0.0, 0.0, 0.0, 0])
@@ -65,9 +77,11 @@ def logits_parity():
     print("\n| rope | kv heads | tied | max abs diff logits | max rel diff (vs max logit) |")
     print("|---|---|---|---|---|")
     for (method, s), kv, tied in itertools.product([("none", 1.0), ("linear", 4.0), ("yarn", 4.0), ("yarn", 16.0),
-                                                    ("llama3", 8.0), ("dynamic-ntk", 4.0)], (8, 2), (False, True)):
+                                                    ("llama3", 8.0), ("dynamic-ntk", 4.0), ("longrope", 16.0)],
+                                                   (8, 2), (False, True)):
         torch.manual_seed(0)
-        rope = RopeConfig(method=method, factor=s, head_dim=64, original_max_position_embeddings=256)
+        kw = longrope_factors(64, s, 0) if method == "longrope" else {}
+        rope = RopeConfig(method=method, factor=s, head_dim=64, original_max_position_embeddings=256, **kw)
         cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=kv, tie_word_embeddings=tied, rope=rope)
         m = Llama(cfg)

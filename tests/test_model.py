@@ -16,6 +16,8 @@ from model import CheckpointError, Llama, LlamaConfig
 from rope import RopeConfig
 
 L = 32  # the tiny models' original context
+LONGROPE = {"short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],  # per-pair divisors, 8 pairs: head_dim 16
+            "long_factor": [1.0, 1.3, 2.0, 2.9, 4.1, 5.6, 7.2, 8.5]}
 
 
 def tiny(method="none", factor=1.0, tied=False, kv=2, vocab=97, layers=2, seed=0, **rope_kw):
@@ -36,9 +38,10 @@ def same_state(a, b):
 # ---- save / load ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("method,factor", [("none", 1.0), ("yarn", 8.0), ("dynamic-yarn", 4.0), ("ntk", 4.0)])
+@pytest.mark.parametrize("method,factor", [("none", 1.0), ("yarn", 8.0), ("dynamic-yarn", 4.0), ("ntk", 4.0),
+                                           ("longrope", 8.0)])
 def test_round_trip_is_exact(tmp_path, tied, method, factor):
-    m = tiny(method, factor, tied=tied)
+    m = tiny(method, factor, tied=tied, **(LONGROPE if method == "longrope" else {}))
     m.save_pretrained(tmp_path / "ckpt")
     files = sorted(os.listdir(tmp_path / "ckpt"))
     assert files == ["config.json", "model.safetensors"]
@@ -132,7 +135,7 @@ def test_errors_on_bad_checkpoints(tmp_path):
         "unsupported model_type": ckpt("gpt2", cfg={**config, "model_type": "gpt2"}),
         "unexpected tensor": ckpt("extra", tensors={**weights, "transformer.wte.weight": torch.zeros(2)}),
         "missing 'hidden_size'": ckpt("nokey", cfg={k: v for k, v in config.items() if k != "hidden_size"}),
-        "unsupported rope_scaling": ckpt("rope", cfg={**config, "rope_scaling": {"rope_type": "su", "factor": 2.0}}),
+        "unsupported rope_scaling": ckpt("rope", cfg={**config, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}}),
     }
     pickled = ckpt("pickle", tensors=None)
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
@@ -149,7 +152,8 @@ def test_errors_on_bad_checkpoints(tmp_path):
 # ---- parity with Hugging Face transformers ----------------------------------------------------------
 
 PARITY = [("none", 1.0, {}), ("linear", 4.0, {}), ("yarn", 4.0, {}), ("yarn", 8.0, {"truncate": False}),
-          ("llama3", 4.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0}), ("dynamic-ntk", 4.0, {})]
+          ("llama3", 4.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0}), ("dynamic-ntk", 4.0, {}),
+          ("longrope", 8.0, LONGROPE)]
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -169,6 +173,20 @@ def test_logits_match_transformers(tmp_path, method, factor, kw, kv, tied):
     # same length as theirs (dynamic methods scale with it): the last position has no target
     targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], 1)
     assert m(idx, targets).item() == pytest.approx(loss_theirs.item(), rel=1e-5)
+
+
+def test_longrope_logits_match_transformers_within_and_past_L(tmp_path):
+    # transformers picks the short factors while the largest position + 1 <= L, the long ones past it
+    transformers = pytest.importorskip("transformers")
+    m = tiny("longrope", 8.0, **LONGROPE)
+    m.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for T in (L - 1, L, L + 1):
+            idx = torch.randint(0, 97, (1, T))
+            torch.testing.assert_close(m(idx), hf(idx).logits, rtol=0, atol=1e-4)
+        short, long = m(idx[:, :L])[:, -1], m(idx, rope_len=L + 1)[:, L - 1]  # the same position, both sets
+    assert (short - long).abs().max().item() > 1e-3  # the check above is not vacuous
 
 
 def test_loads_a_checkpoint_written_by_transformers(tmp_path):
@@ -293,6 +311,19 @@ def test_cached_decoding_equals_full_forward_dynamic(method, growth):
     # the prompt (20) is below L (32), decoding crosses L and goes to 2.5 L
     m = tiny(method, 1.0 if method == "dynamic-yarn" else 2.0, layers=3)
     assert decode_and_compare(m, 20, 60, growth) < 1e-4
+
+
+def test_cached_decoding_equals_full_forward_longrope():
+    # longrope switches from its short to its long factors once the text passes L: the prefix is recomputed
+    for growth in (1.0, 1.25):
+        assert decode_and_compare(tiny("longrope", 8.0, layers=3, **LONGROPE), 20, 30, growth) < 1e-4
+    m = tiny("longrope", 8.0, **LONGROPE)
+    m.setup_cache(1, 100, dynamic_growth=1.0)
+    with torch.no_grad():
+        m.prefill(torch.randint(0, 97, (1, L)))
+        assert m.cache.rope_len == L
+        m(torch.tensor([[5]]), pos=L)
+        assert m.cache.rope_len == 100  # any length past L: the prefix is recomputed once, not at every step
 
 
 def test_dynamic_exact_mode_matches_the_true_dynamic_forward():

@@ -32,7 +32,7 @@ def passkey_document(rng, lines, filler_lines):
     return "\n".join(parts)
 
 
-def passkey_documents(texts, n, filler_lines=(4, 40), seed=0):
+def passkey_documents(texts, n, filler_lines=(2, 24), seed=0):
     """n documents from the texts (a list of strings), filler lengths uniform in `filler_lines`."""
     rng = random.Random(seed)
     plays = [t.splitlines() for t in texts]

@@ -455,7 +455,9 @@ def test_ctrl_c_is_one_line_and_exit_130(env, tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), "passkey", "--model", env.ckpt,
                           "--lengths", "2048", "--trials", "50", "--json", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         # a shell's background job starts with SIGINT ignored, and so would the child: as at a terminal
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until main() runs: it imports sentencepiece late
         time.sleep(0.2)

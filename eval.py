@@ -57,7 +57,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, check_writable
+from checkpoint import CheckpointError, check_writable
+from common import UserError
 from sample import (MAX_POSITIONS, ArgumentParser, attention_backends, checkpoint_config, describe, die, generate,
                     load_model, note, pick_device, pick_dtype, rope_config, run)
 
@@ -374,7 +375,7 @@ def check_output(path, flag):
         die(f"{flag} {path} is a directory: give a file name")
     try:
         check_writable(os.path.dirname(os.path.abspath(path)), flag)
-    except ValueError as e:
+    except UserError as e:
         die(str(e))
 
 

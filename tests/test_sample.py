@@ -19,6 +19,7 @@ import sample  # noqa: E402
 from data.prepare import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
+from tests.test_model import logits_for_length  # noqa: E402
 
 L = 32  # original context of the test models: prompts of 20 tokens + 30 new ones cross it
 ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the command line's defaults are CUDA and bf16 where there is a GPU
@@ -52,8 +53,8 @@ def reference_greedy(model, prompt, n, rope_lens=None):
     seq = list(prompt)
     logits = []
     for i in range(n):
-        rope_len = rope_lens[i] if rope_lens else None
-        out = model(torch.tensor([seq]), rope_len=rope_len)[0, -1]
+        rope_len = rope_lens[i] if rope_lens else len(seq)
+        out = logits_for_length(model, torch.tensor([seq]), rope_len)[0, -1]
         logits.append(out)
         seq.append(int(out.argmax()))
     return seq[len(prompt):], logits
@@ -88,7 +89,7 @@ def test_cached_decoding_with_default_growth_matches_its_rope_len(method):
     assert len(set(rope_lens)) > 2 and max(rope_lens) > L  # the text crossed L and the scale moved
     for i, (token, logits, rope_len) in enumerate(steps):
         seq = prompt + new[:i]
-        full = model(torch.tensor([seq]), rope_len=rope_len)[0, -1]
+        full = logits_for_length(model, torch.tensor([seq]), rope_len)[0, -1]
         torch.testing.assert_close(logits, full, atol=2e-5, rtol=1e-4)
         assert token == int(full.argmax())
 
@@ -100,7 +101,7 @@ def test_chunked_prefill_equals_one_pass(method):
     model.setup_cache(1, 128)
     first = []
     sample.generate(model, prompt, 1, chunk_size=16, on_token=lambda t, lg: first.append(lg))  # 7 chunks
-    full = model(torch.tensor([prompt]), rope_len=model.cache.rope_len)[0, -1]
+    full = logits_for_length(model, torch.tensor([prompt]), model.cache.rope_len)[0, -1]
     torch.testing.assert_close(first[0], full, atol=2e-5, rtol=1e-4)
 
 

@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
+from common import UserError, rope_config  # noqa: E402
 from data.prepare import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
@@ -158,23 +159,23 @@ def test_sample_token_filters():
     assert a == b  # the seed decides
     for bad in [dict(temperature=-1, top_k=0, top_p=1), dict(temperature=1, top_k=-1, top_p=1),
                 dict(temperature=1, top_k=0, top_p=0), dict(temperature=1, top_k=0, top_p=1.5)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             sample.check_sampling(**bad)
 
 
 def test_rope_config_override():
     base = RopeConfig(method="yarn", factor=16, head_dim=16, original_max_position_embeddings=4096,
                       attention_factor=1.5)
-    assert sample.rope_config(base) is base
-    assert sample.rope_config(base, "model", 32).factor == 32
-    assert sample.rope_config(base, "none").method == "none"
-    linear = sample.rope_config(base, "linear", None, target_len=16384)
+    assert rope_config(base) is base
+    assert rope_config(base, "model", 32).factor == 32
+    assert rope_config(base, "none").method == "none"
+    linear = rope_config(base, "linear", None, target_len=16384)
     assert (linear.method, linear.factor, linear.attention_factor) == ("linear", 4.0, None)
-    assert sample.rope_config(base, "dynamic-yarn", None, 16384).factor == 1.0
-    with pytest.raises(ValueError):
-        sample.rope_config(base, "rotary")
-    with pytest.raises(ValueError):
-        sample.rope_config(base.replace(method="none", factor=1.0, attention_factor=None), "model", 2.0)
+    assert rope_config(base, "dynamic-yarn", None, 16384).factor == 1.0
+    with pytest.raises(UserError):
+        rope_config(base, "rotary")
+    with pytest.raises(UserError):
+        rope_config(base.replace(method="none", factor=1.0, attention_factor=None), "model", 2.0)
 
 
 # ---- command line ----------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def test_cli_streams_greedy_text(checkpoint, capsys):
     out, err = capsys.readouterr()
     tok = load_tokenizer(checkpoint)
     model = Llama.from_pretrained(checkpoint)
-    model.set_rope(sample.rope_config(model.config.rope, "dynamic-yarn"))
+    model.set_rope(rope_config(model.config.rope, "dynamic-yarn"))
     ids = [tok.bos_id] + tok.encode("the quick brown")
     new, _ = sample.generate(model, ids, 12, eos_id=tok.eos_id)
     assert out == tok.decode(new) + "\n"

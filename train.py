@@ -595,7 +595,67 @@ def evaluate(model, val, tc, rank, world, device, amp):
     return (total[0] / total[1]).item()
 
 
-# ---- main ------------------------------------------------------------------------------------------------
+# ---- main: check, claim --out, build, train, export -----------------------------------------------------
+
+def check(tc, world, cuda, bf16):
+    """Everything the user gave, before any process group or memory is set up. Returns the model config,
+    the tokenizer files to ship, and the dtype of the output."""
+    mcfg, tok_files = resolve(tc, world)
+    check_out(tc)
+    if tc.resume is False and checkpoints(tc.out):
+        raise UserError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device")
+    # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
+    hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
+    return mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+
+
+def claim_out(tc, device, world, master, fsdp, cleanup):
+    """Rank 0 locks --out, then the process group is made (and let go by `cleanup`), every rank learns
+    whether the lock was had, and an export that an earlier run left half-published is finished."""
+    lock = None
+    if master:
+        os.makedirs(tc.out, exist_ok=True)
+        lock = lock_out(tc.out)
+        if lock:
+            cleanup.callback(lock.close)
+    if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
+        alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, **alone)
+        if alone:  # however run() ends, so that main() can run again in this process
+            cleanup.callback(leave_process_group)
+    locked = torch.tensor([float(lock is not None)], device=device if world > 1 else "cpu")
+    if world > 1:
+        dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
+    if not locked.item():
+        raise UserError(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, "
+                        "or pick another --out")
+    if master and os.path.isdir(os.path.join(tc.out, ".export")):
+        publish_export(tc.out)
+        print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/.export",
+              file=sys.stderr)
+
+
+def trim_log(log_path, start):
+    """metrics.jsonl keeps the steps up to `start`, those the restored state has seen."""
+    lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
+    with open(log_path, "w") as f:
+        f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
+
+
+def flops(model, mcfg, tc, device):
+    """(parameters, flops per token, the GPU's peak bf16 flops or None): 6 flops per weight per token for
+    the matmuls of forward and backward (the embedding lookup is not one), plus attention; recomputation
+    is not counted (PaLM's convention)."""
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
+    n_matmul = n_params - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    per_token = 6 * n_matmul + 12 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * tc.seq_len
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+    return n_params, per_token, peak
+
 
 def main(argv=None):
     with one_line_errors(), ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
@@ -613,41 +673,10 @@ def run(argv, cleanup):
     # FSDP2 under torchrun, and on CUDA always: a single GPU takes the path of eight
     fsdp = "WORLD_SIZE" in os.environ or device.type == "cuda"
     # 2) check everything the user gave before any process group or memory is set up
-    mcfg, tok_files = resolve(tc, world)
-    check_out(tc)
-    if tc.resume is False and checkpoints(tc.out):
-        raise UserError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
-    # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
-    hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
-    save_dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
-    if cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device")
+    mcfg, tok_files, save_dtype = check(tc, world, cuda, bf16)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    lock = None
-    if master:
-        os.makedirs(tc.out, exist_ok=True)
-        lock = lock_out(tc.out)
-        if lock:
-            cleanup.callback(lock.close)
-    if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
-        alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None, **alone)
-        if alone:  # however run() ends, so that main() can run again in this process
-            cleanup.callback(leave_process_group)
-    if world > 1:
-        locked = torch.tensor([float(lock is not None)], device=device)
-        dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
-    else:
-        locked = torch.tensor([float(lock is not None)])
-    if not locked.item():
-        raise UserError(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, or pick "
-            "another --out")
-    if master and os.path.isdir(os.path.join(tc.out, ".export")):
-        publish_export(tc.out)
-        print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/.export",
-              file=sys.stderr)
+    claim_out(tc, device, world, master, fsdp, cleanup)
     # 3) model, optimizer, data
     try:
         model = build_model(mcfg, tc, device, world, bf16, fsdp)
@@ -669,16 +698,8 @@ def run(argv, cleanup):
         start = load_state(model, optimizer, tc, last, rank, world)
     log_path = os.path.join(tc.out, "metrics.jsonl")
     if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
-        lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
-    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
-    # 6 flops per weight per token for the matmuls of forward and backward (the embedding lookup is not one),
-    # plus attention; recomputation is not counted (PaLM's convention)
-    n_matmul = n_params - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
-    flops_per_token = 6 * n_matmul + 12 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * tc.seq_len
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+        trim_log(log_path, start)
+    n_params, flops_per_token, peak = flops(model, mcfg, tc, device)
     if master:
         print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="
               f"{mcfg.rope.original_max_position_embeddings}, seq_len {tc.seq_len}, {world} process(es) x "

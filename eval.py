@@ -42,6 +42,9 @@ is the key.
 Output: a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT with .png,
 or --plot FILE) when matplotlib is installed: perplexity against length, one line per method; passkey
 accuracy as a length x depth heatmap.
+
+What this file teaches: the paper's two measurements, perplexity by context length and passkey
+retrieval, and comparing RoPE methods on one checkpoint by swapping only its tables.
 """
 
 import argparse

@@ -9,9 +9,12 @@ A Llama (and Mistral-family) decoder in one file, that loads and saves Hugging F
     logits = model(prompt, pos=0, last_only=True)   # prefill, then one token at a time with pos=t
     model.save_pretrained("out/llama-yarn")    # config.json + model.safetensors (sharded if large)
 
-Read bottom-up: config, RMSNorm, attention, MLP, block, the model, then loading and saving.
-Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a
-plain load_state_dict. Rotary embeddings, and every way to scale them, live in rope.py.
+What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, attention, MLP, block, the
+model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
+RoPE exact), loading and saving. Then the attention function, whose two CPU fast paths are kept out of
+the way, and the KV cache. Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...),
+so a checkpoint is a plain load_state_dict; the files themselves are checkpoint.py's business, and
+rotary embeddings, with every way to scale them, rope.py's.
 """
 
 import math

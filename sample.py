@@ -20,6 +20,9 @@ The model's own rope_scaling applies unless --rope names another method (see rop
 them); dynamic methods stay exact as the text grows (model.setup_cache explains how).
 The continuation streams to stdout; the cache size, notes and speed go to stderr.
 Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token ids and their timing.
+
+What this file teaches: generation as gpt-fast does it, a cache set up once, one chunked prefill, then
+one token per step (generate), and a command whose main() reads as its steps: parse, check, load, run.
 """
 
 import argparse

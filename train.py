@@ -20,6 +20,10 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
 --out receives a Hugging Face checkpoint (config.json with the method's rope_scaling and the new
 max_position_embeddings, model.safetensors, the tokenizer files) that sample.py, eval.py and
 transformers load as is; metrics.jsonl, one line per step; checkpoints/step-N for --resume.
+
+What this file teaches: the paper's recipe with FSDP2 in torchtitan's order (build on meta, checkpoint
+and shard each block, materialise, fill from the checkpoint), a flat training loop, and resumable
+sharded checkpoints that hold only data.
 """
 
 import argparse

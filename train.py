@@ -599,7 +599,7 @@ def evaluate(model, val, tc, rank, world, device, amp):
     return (total[0] / total[1]).item()
 
 
-# ---- main: check, claim --out, build, train, export -----------------------------------------------------
+# ---- main: check, claim --out, build, resume, train, export ------------------------------------------
 
 def check(tc, world, cuda, bf16):
     """Everything the user gave, before any process group or memory is set up. Returns the model config,
@@ -642,11 +642,18 @@ def claim_out(tc, device, world, master, fsdp, cleanup):
               file=sys.stderr)
 
 
-def trim_log(log_path, start):
-    """metrics.jsonl keeps the steps up to `start`, those the restored state has seen."""
-    lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
-    with open(log_path, "w") as f:
-        f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
+def resume(model, optimizer, tc, rank, world, master):
+    """The step to start from: with --resume, that of the last checkpoint, whose state is loaded; else 0.
+    metrics.jsonl keeps the steps that the restored state has seen, and drops the lost ones."""
+    start = 0
+    if tc.resume and checkpoints(tc.out):
+        start = load_state(model, optimizer, tc, checkpoints(tc.out)[-1], rank, world)
+    log_path = os.path.join(tc.out, "metrics.jsonl")
+    if master:
+        lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
+    return start
 
 
 def flops(model, mcfg, tc, device):
@@ -696,13 +703,8 @@ def run(argv, cleanup):
     accum = tc.batch_size // (world * tc.micro_batch)
     # without FSDP (one process on CPU): autocast gives bf16 compute on fp32 weights; FSDP's policy does it otherwise
     amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and not fsdp else nullcontext
-    start = 0
-    if tc.resume and checkpoints(tc.out):
-        last = checkpoints(tc.out)[-1]
-        start = load_state(model, optimizer, tc, last, rank, world)
+    start = resume(model, optimizer, tc, rank, world, master)
     log_path = os.path.join(tc.out, "metrics.jsonl")
-    if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
-        trim_log(log_path, start)
     n_params, flops_per_token, peak = flops(model, mcfg, tc, device)
     if master:
         print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="

@@ -42,6 +42,9 @@ is the key.
 Output: a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT with .png,
 or --plot FILE) when matplotlib is installed: perplexity against length, one line per method; passkey
 accuracy as a length x depth heatmap.
+
+What this file teaches: the paper's two measurements, perplexity by context length and passkey
+retrieval, and comparing RoPE methods on one checkpoint by swapping only its tables.
 """
 
 import argparse
@@ -57,9 +60,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, check_writable
-from sample import (MAX_POSITIONS, ArgumentParser, attention_backends, checkpoint_config, describe, die, generate,
-                    load_model, note, pick_device, pick_dtype, rope_config, run)
+from checkpoint import check_writable, write_json
+from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
+                    pick_device, pick_dtype, reading, rope_config)
+from model import Llama, LlamaConfig
+from sample import generate
 
 # the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -306,7 +311,8 @@ def check_passkey_run(run):
 
 def report(files, out=None):
     """Several runs of one task (e.g. a base model under each method, then the fine-tuned ones) as one
-    table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths)."""
+    table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths).
+    Raises UserError for a file that is not such a run."""
     if out:
         check_output(out, "--out")
     runs = []
@@ -317,9 +323,9 @@ def report(files, out=None):
             task = runs[0].get("task") if isinstance(runs[0], dict) else None
             (check_passkey_run if task == "passkey" else check_ppl_run)(runs[-1])
         except (OSError, UnicodeDecodeError) as e:
-            die(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except ValueError as e:  # also json.JSONDecodeError
-            die(f"{f}: {e}")
+            raise UserError(f"{f}: {e}") from None
     if runs[0]["task"] == "passkey":
         return passkey_report(runs, out)
     lengths = sorted({n for r in runs for n in r["lengths"]})
@@ -330,13 +336,9 @@ def report(files, out=None):
                                                              for res in results])
     print(table)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as fh:
-            fh.write(table + "\n")
-        png = os.path.splitext(out)[0] + ".png"
         for res in results:  # lengths a run did not evaluate count as empty
             res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
-        note(f"wrote {out}" + (f" and {png}" if plot_ppl(results, lengths, png) else " (no matplotlib: no plot)"))
+        write_report(out, table, lambda png: plot_ppl(results, lengths, png))
     return results
 
 
@@ -355,27 +357,29 @@ def passkey_report(runs, out):
           f" ({'/'.join(map(str, trials))} keys each)\n")
     print(table)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as fh:
-            fh.write(table + "\n")
-        png = os.path.splitext(out)[0] + ".png"
         for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
             res["accuracy"] = {str(n): {str(d): res["accuracy"].get(str(n), {}).get(str(d), 0.0) for d in depths}
                                for n in lengths}
-        note(f"wrote {out}" + (f" and {png}" if plot_passkey(results, lengths, depths, png) else " (no matplotlib: no plot)"))
+        write_report(out, table, lambda png: plot_passkey(results, lengths, depths, png))
     return results
 
 
-# ---- command line -------------------------------------------------------------------------------------
+def write_report(out, table, plot):
+    """The markdown table in `out`, and plot(PNG path) beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        fh.write(table + "\n")
+    png = os.path.splitext(out)[0] + ".png"
+    note(f"wrote {out}" + (f" and {png}" if plot(png) else " (no matplotlib: no plot)"))
+
+
+# ---- command line: parse, check, read the inputs, evaluate, write ---------------------------------------
 
 def check_output(path, flag):
     """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
     if os.path.isdir(path):
-        die(f"{flag} {path} is a directory: give a file name")
-    try:
-        check_writable(os.path.dirname(os.path.abspath(path)), flag)
-    except ValueError as e:
-        die(str(e))
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag)
 
 
 def int_list(s):
@@ -406,10 +410,10 @@ def parse_rope_spec(spec, default_factor):
     try:
         return method, float(factor)
     except ValueError:
-        raise ValueError(f"--rope {spec}: the factor after ':' must be a number") from None
+        raise UserError(f"--rope {spec}: the factor after ':' must be a number") from None
 
 
-def main(argv=None):
+def parse_args(argv):
     common = ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, metavar="DIR",
                         help="checkpoint directory (config.json, safetensors, tokenizer)")
@@ -450,91 +454,94 @@ def main(argv=None):
                         "into one table and plot")
     rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey --json)")
     rp.add_argument("--out", default=None, metavar="MD", help="also write the table here (and a PNG next to it)")
-    args = p.parse_args(argv)
-    if args.task == "report":
-        return report(args.files, args.out)
+    return p.parse_args(argv)
 
-    # 1) checks that need no weights
+
+def check_args(args):
+    """Checks that need no weights. Returns the checkpoint's config and the RoPE methods, with their labels."""
     lengths = args.lengths
     if args.task == "ppl":
         if args.stride is not None and not 1 <= args.stride < lengths[0]:
-            die(f"--stride must be at least 1 and less than the shortest length {lengths[0]}, got {args.stride}")
+            raise UserError(f"--stride must be at least 1 and less than the shortest length {lengths[0]}, got "
+                            f"{args.stride}")
         if args.max_docs is not None and args.max_docs < 1:
-            die(f"--max-docs must be >= 1, got {args.max_docs}")
+            raise UserError(f"--max-docs must be >= 1, got {args.max_docs}")
         if args.max_tokens is not None and args.stride is None:
-            die("--max-tokens applies to --stride windows (without it documents are truncated to each length)")
+            raise UserError("--max-tokens applies to --stride windows (without it documents are truncated to each "
+                            "length)")
         if args.max_tokens is not None and args.max_tokens < lengths[-1]:
-            die(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
+            raise UserError(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
     elif args.trials < 1:
-        die(f"--trials must be >= 1, got {args.trials}")
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
             check_output(path, flag)
-    try:
-        cfg = checkpoint_config(args.model)
-        device = pick_device(args.device)
-        specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
-        ropes = [rope_config(cfg.rope, m, f, lengths[-1]) for m, f in specs]
-    except (CheckpointError, ValueError, RuntimeError) as e:
-        die(str(e))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available here")
+    cfg = LlamaConfig.from_pretrained(args.model)
+    specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
+    ropes = [rope_config(cfg.rope, m, f, lengths[-1]) for m, f in specs]
     labels = [("model: " if m == "model" else "") + describe(r) for (m, _), r in zip(specs, ropes)]
     if args.label:
         labels = [f"{args.label}, {x}" for x in labels]
-    if args.task == "ppl":
-        try:
-            docs, vocab = load_documents(args.data, args.model)
-        except (FileNotFoundError, ValueError) as e:
-            die(str(e))
-        if vocab > cfg.vocab_size:
-            die(f"--data was tokenized with a vocabulary of {vocab}, larger than the model's {cfg.vocab_size}")
-        if not docs:
-            die(f"no documents in {' '.join(args.data)}")
-        for n in lengths:
-            usable = sum(len(ids) >= n for _, ids in docs)
-            used = min(usable, args.max_docs or usable)
-            if not usable:
-                note(f"warning: length {n}: no document has {n} tokens; skipped")
-            elif usable < len(docs):
-                note(f"length {n}: {used} documents ({len(docs) - usable} shorter ones skipped)")
-            else:
-                note(f"length {n}: {used} documents")
-    else:
-        from data.prepare import load_tokenizer
-        try:
-            tok = load_tokenizer(args.model)
-        except (FileNotFoundError, ValueError) as e:
-            die(f"tokenizer missing or unreadable: {e}")
-        try:
-            ids = passkey_prompt(tok, lengths[0], 0.5, 12345)
-        except ValueError as e:
-            die(str(e))
-        if max(ids) >= cfg.vocab_size:
-            die(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
+    return cfg, ropes, labels
 
-    # 2) the weights once; each method swaps only the RoPE tables
-    dtype = pick_dtype(args.dtype, device)
-    model = load_model(args.model, device, dtype)
-    results = []
-    with attention_backends(device, dtype):
-        for label, rope in zip(labels, ropes):
-            model.set_rope(rope)
-            if args.task == "ppl":
-                r = evaluate_ppl(model, docs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
-                results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
-            else:
-                need = max(lengths) + PASSKEY_NEW_TOKENS
-                try:
-                    model.setup_cache(1, need)
-                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
-                    die(f"cannot allocate the KV cache for {need} tokens on {device}: {str(e).splitlines()[0]}")
-                acc = passkey_accuracy(model, tok, lengths, args.depths, args.trials, args.seed)
-                results.append({"method": label, "rope": asdict(rope),
-                                "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
-                                "mean": float(np.mean([a for row in acc.values() for a in row.values()]))})
 
-    # 3) table, JSON, plot
+def read_documents(args, cfg):
+    """ppl's documents, each a 1-D array of token ids."""
+    docs, vocab = reading(load_documents, args.data, args.model)
+    if vocab > cfg.vocab_size:
+        raise UserError(f"--data was tokenized with a vocabulary of {vocab}, larger than the model's {cfg.vocab_size}")
+    if not docs:
+        raise UserError(f"no documents in {' '.join(args.data)}")
+    for n in args.lengths:
+        usable = sum(len(ids) >= n for _, ids in docs)
+        used = min(usable, args.max_docs or usable)
+        if not usable:
+            note(f"warning: length {n}: no document has {n} tokens; skipped")
+        elif usable < len(docs):
+            note(f"length {n}: {used} documents ({len(docs) - usable} shorter ones skipped)")
+        else:
+            note(f"length {n}: {used} documents")
+    return docs
+
+
+def read_tokenizer(args, cfg):
+    """passkey's tokenizer, checked on the shortest prompt."""
+    from data.prepare import load_tokenizer
+    tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
+    try:
+        ids = passkey_prompt(tok, args.lengths[0], 0.5, 12345)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if max(ids) >= cfg.vocab_size:
+        raise UserError(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
+    return tok
+
+
+def run(args, model, ropes, labels, inputs, device):
+    """Each method in turn on the same weights: only the RoPE tables are swapped."""
+    results, lengths = [], args.lengths
+    for label, rope in zip(labels, ropes):
+        model.set_rope(rope)
+        if args.task == "ppl":
+            r = evaluate_ppl(model, inputs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
+            results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
+            continue
+        need = max(lengths) + PASSKEY_NEW_TOKENS
+        try:
+            model.setup_cache(1, need)
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+            raise UserError(f"cannot allocate the KV cache for {need} tokens on {device}: "
+                            f"{str(e).splitlines()[0]}") from None
+        acc = passkey_accuracy(model, inputs, lengths, args.depths, args.trials, args.seed)
+        results.append({"method": label, "rope": asdict(rope),
+                        "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
+                        "mean": float(np.mean([a for row in acc.values() for a in row.values()]))})
+    return results
+
+
+def write(args, results):
+    """The table on stdout; with --json the numbers, and the plot."""
+    lengths = args.lengths
     if args.task == "ppl":
         what = f"sliding window, stride {args.stride}" if args.stride else "whole documents truncated to each length"
         print(f"perplexity ({what}) of {args.model}\n")
@@ -554,10 +561,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         extra = {"data": args.data, "stride": args.stride} if args.task == "ppl" else \
             {"depths": args.depths, "trials": args.trials, "seed": args.seed}
-        with open(args.json, "w") as f:
-            json.dump({"task": args.task, "model": args.model, "lengths": lengths, **extra, "results": results},
-                      f, indent=2)
-            f.write("\n")
+        write_json(args.json, {"task": args.task, "model": args.model, "lengths": lengths, **extra, "results": results})
         note(f"wrote {args.json}")
     plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if plot:
@@ -566,5 +570,20 @@ def main(argv=None):
         note(f"wrote {plot}" if done else "note: matplotlib is not installed: plot skipped (pip install matplotlib)")
 
 
+def main(argv=None):
+    with one_line_errors():
+        args = parse_args(argv)
+        if args.task == "report":
+            return report(args.files, args.out)
+        cfg, ropes, labels = check_args(args)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        inputs = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
+        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        with attention_backends(device, dtype):
+            results = run(args, model, ropes, labels, inputs, device)
+        write(args, results)
+
+
 if __name__ == "__main__":
-    run(main)
+    main()

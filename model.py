@@ -9,19 +9,17 @@ A Llama (and Mistral-family) decoder in one file, that loads and saves Hugging F
     logits = model(prompt, pos=0, last_only=True)   # prefill, then one token at a time with pos=t
     model.save_pretrained("out/llama-yarn")    # config.json + model.safetensors (sharded if large)
 
-Read bottom-up: config, RMSNorm, attention, MLP, block, the model, then loading and saving.
-Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a
-plain load_state_dict. Rotary embeddings, and every way to scale them, live in rope.py.
+What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, attention, MLP, block, the
+model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
+RoPE exact), loading and saving. Then the attention function, whose two CPU fast paths are kept out of
+the way, and the KV cache. Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...),
+so a checkpoint is a plain load_state_dict; the files themselves are checkpoint.py's business, and
+rotary embeddings, with every way to scale them, rope.py's.
 """
 
-import ctypes
-import json
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -31,13 +29,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from checkpoint import CheckpointError, check_tensors, read_config, read_tensors, save
 from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_attention_factor, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory we cannot load; the message is one line meant for the user."""
 
 
 @dataclass
@@ -87,6 +82,11 @@ class LlamaConfig:
     def context_length(self):
         """How far the RoPE method is meant to reach: s * L (L for plain RoPE)."""
         return int(self.rope.factor * self.rope.original_max_position_embeddings)
+
+    @classmethod
+    def from_pretrained(cls, path, rope_scaling=...):
+        """The config of the checkpoint directory `path`, from its config.json alone (no weights read)."""
+        return cls.from_hf(read_config(path), rope_scaling, where=os.path.join(path, "config.json"))
 
     @classmethod
     def from_hf(cls, hf, rope_scaling=..., where="config.json"):
@@ -155,32 +155,12 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class KVCache(nn.Module):
-    """Keys (already rotated) and values of one layer for positions 0 .. max_len-1, allocated once."""
-
-    def __init__(self, batch_size, max_len, kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos, k, v):
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, KV, pos+T, D): only what is filled
-
-    def write(self, pos, k, v):
-        """One position given as a (1,) tensor: the same operation at every step (decode_step)."""
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         H, KV, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.n_head, self.n_kv_head, self.head_dim = H, KV, D
+        self.layer = layer  # which layer of the KV cache is ours
         self.q_proj = Linear(C, H * D, bias=cfg.attention_bias)
         self.k_proj = Linear(C, KV * D, bias=cfg.attention_bias)
         self.v_proj = Linear(C, KV * D, bias=cfg.attention_bias)
@@ -192,50 +172,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, k, cos, sin)  # cos/sin carry YaRN's attention factor: logits scale by a^2
-        if filled is not None:  # decode_step: one token at position tensor pos, against the whole cache
-            cache.write(pos, k, v)
-            y = self.decode_attention(q, cache.k, cache.v, filled)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        mask, causal = None, True
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, KV, pos+T, D)
-            if T == 1:      # one new token sees every cached one
-                causal = False
-            elif pos > 0:   # a chunk after a prefix: causal, aligned to the bottom-right corner
-                mask, causal = causal_lower_right(T, pos + T), False
-        if T == 1 and cache is not None and x.device.type == "cpu":
-            y = self.decode_attention(q, k, v)
-        elif mask is not None and x.device.type == "cpu":
-            y = self.chunk_attention(q, k, v, pos)
-        else:  # enable_gqa: each group of H/KV query heads reads one K/V head, no repeat_interleave copies
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=self.n_head != self.n_kv_head)
+            k, v = cache.update(self.layer, pos, k, v, filled)  # (B, KV, S, D): the prefix and these T
+        y = attention(q, k, v, filled)                                                 # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
-
-    def decode_attention(self, q, k, v, filled=None):
-        """One new query per head against the whole cache, as two batched matmuls. The G = H/KV query
-        heads sharing a K/V head are G rows of one product, so each cached K/V is read once and never
-        copied. On CPU this is 1.3-1.5x faster than the flash kernel, built for long query blocks.
-        filled (S,): which cache positions to attend to (decode_step); None: all of k and v."""
-        B, H, _, D = q.shape
-        qg = q.view(B, self.n_kv_head, H // self.n_kv_head, D)          # (B, KV, G, D)
-        att = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, KV, G, S), softmax in fp32
-        if filled is not None:
-            att = att.masked_fill(~filled, float("-inf"))
-        return (att.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)         # (B, KV, G, D) -> (B, H, 1, D)
-
-    def chunk_attention(self, q, k, v, pos, rows=512):
-        """A chunk of T queries after pos cached positions, on CPU. There the bottom-right causal mask is
-        materialised, T x (pos + T) floats, and the flash kernel skips no masked block. Taking the queries
-        `rows` at a time, each slice reads the keys up to its own last position only: the mask shrinks to
-        rows x S, and the work thrown away to a rows x rows triangle per slice (prefill: 1.1-1.4x faster)."""
-        y = torch.empty_like(q)  # (B, H, T, D)
-        for s in range(0, q.size(2), rows):
-            e = min(s + rows, q.size(2))
-            y[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :pos + e], v[:, :, :pos + e],
-                                                          attn_mask=causal_lower_right(e - s, pos + e),
-                                                          enable_gqa=self.n_head != self.n_kv_head)
-        return y
 
 
 class MLP(nn.Module):
@@ -277,10 +217,10 @@ def keep_attention(ctx, op, *args, **kwargs):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.checkpointing = "none"  # one of CHECKPOINTING; only while gradients are recorded
@@ -344,7 +284,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -395,15 +335,14 @@ class Llama(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, pos=None, last_only=False, rope_len=None, reduction="mean"):
+    def forward(self, idx, targets=None, pos=None, last_only=False, reduction="mean"):
         """idx (B, T) token ids. Without `pos`: a plain causal pass over positions 0..T-1 (training,
         evaluation). With `pos`: tokens at positions pos..pos+T-1 of the KV cache (generation).
         Returns logits (B, T, V) fp32 (last_only: (B, 1, V)), or the loss if targets (B, T) are given
-        (-100 marks positions not to score; `reduction` "mean" or "sum").
-        rope_len: the total length that dynamic methods scale for (default: the sequence's length)."""
+        (-100 marks positions not to score; `reduction` "mean" or "sum")."""
         B, T = idx.shape
-        if pos is None:
-            h = self._hidden(idx, 0, rope_len or T, use_cache=False)
+        if pos is None:  # dynamic methods scale for the sequence's own length
+            h = self._hidden(idx, 0, T)
         else:
             h = self._hidden_cached(idx, pos)
         if targets is not None:
@@ -412,14 +351,16 @@ class Llama(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h).float()
 
-    def _hidden(self, idx, pos, rope_len, use_cache):
+    def _hidden(self, idx, pos, rope_len, cache=None):
+        """The final normed hidden states (B, T, C) of tokens at positions pos.., under the RoPE tables of
+        a text `rope_len` long (dynamic methods), writing keys and values to `cache` if given."""
         T = idx.size(1)
         inv_freq, a = self.rope_tables(rope_len, idx.device)
         positions = torch.arange(pos, pos + T, device=idx.device)
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, self.cache.layers[i] if use_cache else None, pos)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, pos)
         return self.model.norm(x)
 
     def chunked_loss(self, h, targets, reduction="mean"):
@@ -455,17 +396,9 @@ class Llama(nn.Module):
         multiple of one prefill; dynamic_growth=1 rescales at every token and makes each step equal a
         full forward pass exactly (at quadratic cost)."""
         p = next(self.parameters())
-        dtype, device = dtype or p.dtype, device or p.device
-        cfg = self.config
-        self.cache = nn.Module()
-        self.cache.layers = nn.ModuleList(KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                                                  dtype, device) for _ in range(cfg.num_hidden_layers))
-        self.cache.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.cache.max_len, self.cache.growth, self.cache.chunk = max_len, dynamic_growth, chunk_size
-        # the RoPE state of decode_step as buffers, rewritten in place when a dynamic scale moves
-        self.cache.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2, device=device), persistent=False)
-        self.cache.register_buffer("attention_factor", torch.ones((), device=device), persistent=False)
-        self._set_rope_len(cfg.rope.original_max_position_embeddings)
+        self.cache = KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device,
+                             dynamic_growth, chunk_size)
+        self._set_rope_len(self.config.rope.original_max_position_embeddings)
         return self.cache
 
     def _set_rope_len(self, rope_len):
@@ -475,7 +408,7 @@ class Llama(nn.Module):
         self.cache.attention_factor.fill_(a)
 
     def cache_bytes(self):
-        return sum(b.numel() * b.element_size() for b in self.cache.layers.buffers()) if self.cache else 0  # K and V
+        return self.cache.nbytes() if self.cache else 0
 
     def dynamic_rope_len(self, length):
         """The length a dynamic method scales for once the text is `length` tokens long."""
@@ -493,7 +426,7 @@ class Llama(nn.Module):
 
     def _hidden_cached(self, idx, pos):
         self._write_tokens(idx, pos)
-        return self._hidden(idx, pos, self.cache.rope_len, use_cache=True)
+        return self._hidden(idx, pos, self.cache.rope_len, self.cache)
 
     def _write_tokens(self, idx, pos):
         """Record tokens pos.. in the cache; a dynamic method whose scale moves recomputes the prefix."""
@@ -508,7 +441,7 @@ class Llama(nn.Module):
             if need != self.cache.rope_len:
                 self._set_rope_len(need)
                 for s in range(0, pos, self.cache.chunk):  # recompute the prefix under the new scale
-                    self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, need, use_cache=True)
+                    self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, need, self.cache)
 
     def decode_step(self, idx, pos):
         """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor.
@@ -520,8 +453,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(c.inv_freq, pos, c.attention_factor)  # (1, D/2)
         filled = torch.arange(c.max_len, device=pos.device) <= pos      # (S,)
         x = self.model.embed_tokens(idx)  # (B, 1, C)
-        for layer, kv in zip(self.model.layers, c.layers):
-            x = layer(x, cos, sin, kv, pos, filled)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, c, pos, filled)
         return self.lm_head(self.model.norm(x)).float()
 
     @torch.no_grad()
@@ -555,52 +488,31 @@ class Llama(nn.Module):
         The model is built on the meta device and each tensor is read straight into its place
         (load_state_dict(assign=True)), so the weights are never held twice. dtype None keeps the
         stored dtype. rope_scaling (a Hugging Face-style dict, None for plain RoPE) overrides the file's."""
-        hf = read_config(path)
-        cfg = LlamaConfig.from_hf(hf, rope_scaling, where=os.path.join(path, "config.json"))
+        cfg = LlamaConfig.from_pretrained(path, rope_scaling)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = dict(model.state_dict())
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        loaded = set()
-        for file in weight_files(path):
-            from safetensors import safe_open
-            try:
-                with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
-                    shard = {}
-                    for name in f.keys():
-                        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer
-                            continue
-                        if name not in expected:
-                            raise CheckpointError(f"{os.path.basename(file)}: unexpected tensor {name!r} "
-                                                  f"(not a Llama weight: wrong architecture?)")
-                        t = f.get_tensor(name)
-                        if t.shape != expected[name].shape:
-                            raise CheckpointError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
-                                                  f"{tuple(expected[name].shape)} expected from config.json")
-                        if t.is_floating_point() and not torch.isfinite(t).all():
-                            raise CheckpointError(f"{os.path.basename(file)}: {name} holds NaN or infinite values "
-                                                  "(a diverged or damaged checkpoint)")
-                        shard[name] = t.to(dtype) if dtype else t
-            except CheckpointError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
-            model.load_state_dict(shard, strict=False, assign=True)
-            loaded |= shard.keys()
-        missing = sorted(set(expected) - loaded)
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(missing[:3])}{more}")
+        tensors = read_tensors(path, model.shapes(), cfg.tie_word_embeddings, device or "cpu")
+        model.load_state_dict({name: t.to(dtype) if dtype else t for name, t in tensors}, strict=False, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the embedding: point the head at it again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+    def shapes(self):
+        """{name: shape} of every tensor of a checkpoint of this model: what config.json implies."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    @classmethod
+    def check_checkpoint(cls, cfg, path):
+        """The names and shapes of the weights at `path` against `cfg`, from the file headers alone:
+        a mismatch is found before any memory is allocated. Raises CheckpointError."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_tensors(path, model.shapes(), cfg.tie_word_embeddings)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Write config.json and safetensors ({"format": "pt"} metadata), sharded above
         max_shard_bytes, into a temporary directory that is then renamed onto `path`: a crash never
         leaves a half-written checkpoint, and an existing one is only replaced by a complete one."""
-        from safetensors.torch import save_file
         cfg = self.config
         if cfg.rope.method == "dynamic-yarn":
             print("note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json "
@@ -609,155 +521,91 @@ class Llama(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype
-        shards, size = [[]], 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        path = os.path.abspath(path)
-        check_replaceable(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-        try:
-            if len(shards) == 1:
-                save_file({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
-                          metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                for i, names in enumerate(shards):
-                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
-                    weight_map.update({n: fname for n in names})
-                total = sum(t.numel() * t.element_size() for t in state.values())
-                write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-            write_json(os.path.join(tmp, "config.json"), cfg.to_hf(dtype))
-            publish_permissions(tmp)
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return save(path, state, cfg.to_hf(dtype), max_shard_bytes)
 
 
-# ---- checkpoint files -------------------------------------------------------------------------------
+# ---- attention, and its two CPU fast paths ----------------------------------------------------------
 
-def read_config(path):
-    file = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory not found: {path}")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"no config.json in {path}")
-    try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt config.json in {path}: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"corrupt config.json in {path}: not a JSON object")
-    return hf
-
-
-def weight_files(path):
-    """The safetensors files of a checkpoint. Pickled weights (pytorch_model.bin, *.pt) are refused:
-    unpickling runs arbitrary code from the file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = list(json.load(f)["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"corrupt {index}: {e}") from None
-        for n in names:  # a shard is a file of this directory: no "../", no absolute path, no sub-folder
-            if not isinstance(n, str) or os.path.basename(n) != n or n in (".", "..") or not n.endswith(".safetensors"):
-                raise CheckpointError(f"{index}: {n!r} is not a .safetensors file name of this directory")
-        names = sorted(set(names))
-        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-        if missing:
-            raise CheckpointError(f"shard {missing[0]} listed in model.safetensors.index.json is missing")
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    pickles = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-    if pickles:
-        raise CheckpointError(f"{path} holds only pickle weights ({pickles[0]}); refusing to unpickle "
-                              "(it can run arbitrary code): convert the checkpoint to safetensors first")
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+def attention(q, k, v, filled=None):
+    """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
+    (B, KV, S, D); with `filled` (S,), decode_step's single query against the whole preallocated cache,
+    attending only where filled. Each group of H/KV query heads reads one K/V head (no copies).
+    The fused kernel (flash on CUDA) does the work, except for two shapes that are faster otherwise on a
+    CPU: one query (decoding) and a chunk of queries after a cached prefix (prefill)."""
+    T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
+    cpu = q.device.type == "cpu"
+    if filled is not None or (T == 1 and cpu):
+        return decode_attention(q, k, v, filled)
+    if T == 1:      # one new token sees every cached one
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if S > T and cpu:
+        return chunk_attention(q, k, v)
+    if S > T:       # a chunk after a prefix: causal, aligned to the bottom-right corner
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
-def check_writable(path, flag):
-    """`path` (which may not exist yet) must be a directory we can create files in: checked before
-    the work whose result goes there, not after it. Raises ValueError naming `flag`."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+def decode_attention(q, k, v, filled=None):
+    """One new query per head against the whole cache, as two batched matmuls. The G = H/KV query
+    heads sharing a K/V head are G rows of one product, so each cached K/V is read once and never
+    copied. On CPU this is 1.3-1.5x faster than the flash kernel, built for long query blocks.
+    filled (S,): which cache positions to attend to (decode_step); None: all of k and v."""
+    B, H, _, D = q.shape
+    qg = q.view(B, k.size(1), H // k.size(1), D)                      # (B, KV, G, D)
+    att = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, KV, G, S), softmax in fp32
+    if filled is not None:
+        att = att.masked_fill(~filled, float("-inf"))
+    return (att.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)         # (B, KV, G, D) -> (B, H, 1, D)
 
 
-def write_json(file, obj):
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def chunk_attention(q, k, v, rows=512):
+    """A chunk of T queries after S - T cached positions, on CPU. There the bottom-right causal mask is
+    materialised, T x S floats, and the flash kernel skips no masked block. Taking the queries `rows`
+    at a time, each slice reads the keys up to its own last position only: the mask shrinks to rows x S,
+    and the work thrown away to a rows x rows triangle per slice (prefill: 1.1-1.4x faster)."""
+    pos, gqa = k.size(2) - q.size(2), q.size(1) != k.size(1)
+    y = torch.empty_like(q)  # (B, H, T, D)
+    for s in range(0, q.size(2), rows):
+        e = min(s + rows, q.size(2))
+        y[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :pos + e], v[:, :, :pos + e],
+                                                      attn_mask=causal_lower_right(e - s, pos + e), enable_gqa=gqa)
+    return y
 
 
-def publish_permissions(path):
-    """mkdtemp makes a 0700 directory and safetensors writes 0600 files: give them the usual modes
-    (what the umask allows), so other users and tools can read the checkpoint."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    for name in os.listdir(path):
-        os.chmod(os.path.join(path, name), 0o666 & ~umask)
+# ---- the KV cache -----------------------------------------------------------------------------------
 
+class KVCache(nn.Module):
+    """What generation keeps between forward passes (Llama.setup_cache explains the dynamic methods):
+    keys (already rotated) and values of every layer for positions 0 .. max_len-1, allocated once; the
+    token ids, to recompute the prefix when a dynamic scale moves; and the RoPE state they were computed
+    under. An nn.Module for its buffers: torch.compile treats those as fixed addresses, as a CUDA graph
+    needs (gpt-fast does the same)."""
 
-CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
-                             r"|model-\d{5}-of-\d{5}\.safetensors")
+    def __init__(self, cfg, batch_size, max_len, dtype, device, growth, chunk):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (N, B, KV, S, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("tokens", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
+                             persistent=False)
+        # decode_step's RoPE state, rewritten in place when a dynamic scale moves (Llama._set_rope_len)
+        self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2, device=device), persistent=False)
+        self.register_buffer("attention_factor", torch.ones((), device=device), persistent=False)
+        self.max_len, self.growth, self.chunk = max_len, growth, chunk
+        self.rope_len = cfg.rope.original_max_position_embeddings  # the text length the RoPE scale is for
 
+    def update(self, layer, pos, k, v, filled=None):
+        """Store k, v (B, KV, T, D) of positions pos..pos+T-1; return the keys and values to attend to:
+        (B, KV, pos+T, D), only what is filled, or with `filled` (decode_step: pos a (1,) tensor, the
+        same operation at every step) the whole cache."""
+        if filled is not None:
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
+        end = pos + k.size(2)
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-def check_replaceable(path):
-    """save_pretrained replaces a checkpoint, never anything else: `path` must not exist, or be a
-    directory holding only the files save_pretrained writes. Raises CheckpointError otherwise."""
-    if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
-        raise CheckpointError(f"refusing to replace {path}: it is not a checkpoint directory")
-    if os.path.isdir(path):
-        foreign = sorted(n for n in os.listdir(path) if not CHECKPOINT_FILE.fullmatch(n))
-        if foreign:
-            raise CheckpointError(f"refusing to replace {path}: it holds {foreign[0]!r}, which save_pretrained "
-                                  "did not write (save to a new or empty directory)")
-
-
-def exchange_dirs(a, b):
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
-    system or file system cannot."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2, at_fdcwd, rename_exchange = getattr(libc, "renameat2", None), -100, 2
-    return bool(renameat2) and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def replace_dir(src, dst):
-    """Move the finished directory `src` onto `dst`. Where the system can, the two are exchanged
-    atomically, so `dst` is at every instant the old checkpoint or the new one. Elsewhere, two
-    renames: the old `dst` is first moved aside to .NAME.old-XXXX beside it, where it stays if the
-    process dies before the second rename."""
-    if os.path.isdir(dst) and exchange_dirs(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # now the old checkpoint
-        return
-    old = None
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-        os.rmdir(old)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    def nbytes(self):
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()

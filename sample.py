@@ -20,10 +20,12 @@ The model's own rope_scaling applies unless --rope names another method (see rop
 them); dynamic methods stay exact as the text grows (model.setup_cache explains how).
 The continuation streams to stdout; the cache size, notes and speed go to stderr.
 Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token ids and their timing.
+
+What this file teaches: generation as gpt-fast does it, a cache set up once, one chunked prefill, then
+one token per step (generate), and a command whose main() reads as its steps: parse, check, load, run.
 """
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
@@ -32,38 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
-from model import CheckpointError, Llama, LlamaConfig, read_config
-from rope import DYNAMIC_METHODS, METHODS
-
-MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
-
-
-def die(msg):
-    """A user error: one line on stderr and exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its errors as one line too (instead of the usage text, which --help shows)."""
-
-    def error(self, message):
-        die(message)
-
-
-def note(msg):
-    print(msg, file=sys.stderr, flush=True)
+from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
+                    pick_device, pick_dtype, reading, rope_config)
+from model import Llama, LlamaConfig
+from rope import METHODS
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
 
 def check_sampling(temperature, top_k, top_p):
     if not temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
+        raise UserError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
@@ -175,66 +160,7 @@ class Streamer:
         self.write(self.tok.decode(self.context + self.ids)[self.start:] + "\n")
 
 
-# ---- loading: device, dtype, RoPE method --------------------------------------------------------------
-
-def pick_device(name=None):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def pick_dtype(name, device):
-    if name in (None, "auto"):  # bf16 where it is fast and flash attention wants it, fp32 on CPU
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def attention_backends(device, dtype):
-    """On CUDA in bf16/fp16: flash attention (which also does grouped-query attention), and no fallback
-    to the math kernel, which would materialise (T, T) attention weights: a case flash cannot handle then
-    fails loudly instead of silently using memory quadratic in the context. (fp32 has no flash kernel.)"""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
-
-
-def rope_config(base, method="model", factor=None, target_len=None):
-    """The RopeConfig for `method` on a checkpoint whose own is `base`: "model" keeps the checkpoint's
-    (with `factor` if given), "none" is plain RoPE; any other method of rope.py keeps the checkpoint's
-    theta and original length L. Static methods default to factor target_len / L, so they reach the
-    context asked for; dynamic ones to 1 (they scale with the text)."""
-    if method == "model":
-        if factor is not None and base.method == "none":
-            raise ValueError("--rope-factor needs a --rope METHOD: this checkpoint uses plain RoPE")
-        return base if factor is None else base.replace(factor=float(factor))
-    if method not in METHODS:
-        raise ValueError(f"unknown RoPE method {method!r}; choose model or one of {', '.join(METHODS)}")
-    fresh = dict(attention_factor=None, mscale=None, mscale_all_dim=None)  # the old method's own knobs
-    if method == "none":
-        return base.replace(method="none", factor=1.0, **fresh)
-    if factor is None:
-        L = base.original_max_position_embeddings
-        factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
-    return base.replace(method=method, factor=float(factor), **fresh)
-
-
-def describe(rope):
-    """A short label: 'yarn s=8 (L=4096)', 'dynamic-yarn (L=4096)', 'none (L=4096)'."""
-    s = "" if rope.method in ("none", "dynamic-yarn") or (rope.is_dynamic and rope.factor == 1) \
-        else f" s={rope.factor:g}"
-    return f"{rope.method}{s} (L={rope.original_max_position_embeddings})"
-
-
-def checkpoint_config(path):
-    """The checkpoint's LlamaConfig from config.json alone (no weights read): checks the path early."""
-    return LlamaConfig.from_hf(read_config(path), where=os.path.join(path, "config.json"))
-
-
-def load_model(path, device, dtype):
-    try:
-        return Llama.from_pretrained(path, dtype=dtype, device=device)
-    except (CheckpointError, FileNotFoundError) as e:
-        die(str(e))
-
+# ---- memory and speed --------------------------------------------------------------
 
 def cache_bytes(cfg, ctx, dtype):
     """The KV cache's size before it is allocated: keys and values of every layer, and the token ids."""
@@ -272,9 +198,9 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak RSS)"
 
 
-# ---- command line -------------------------------------------------------------------------------------
+# ---- command line: parse, check, load, generate -------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR",
@@ -303,80 +229,75 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile's fixed-shape step (a CUDA graph on GPUs); compiling takes "
                         "a while up front, timed apart")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    # 1) everything that can be checked without reading the weights
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        die(str(e))
+
+def check_args(args):
+    """Everything that can be checked without reading the weights. Returns the checkpoint's config and
+    the context length."""
+    check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
-        die(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        die(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
-    try:
-        cfg = checkpoint_config(args.model)
-        device = pick_device(args.device)
-    except (CheckpointError, RuntimeError) as e:
-        die(str(e))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available here")
+        raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    cfg = LlamaConfig.from_pretrained(args.model)
     if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
-        die(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
-    ctx = args.ctx or cfg.context_length
-    try:
-        rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
-    except ValueError as e:
-        die(str(e))
-    from data.prepare import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
-    try:
-        tok = load_tokenizer(args.model)
-    except (FileNotFoundError, ValueError) as e:
-        die(f"tokenizer missing or unreadable: {e}")
+        raise UserError(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
+    return cfg, args.ctx or cfg.context_length
 
-    # 2) the prompt, as token ids: BOS first when the tokenizer has one
+
+def read_prompt(args, tok, cfg, ctx):
+    """The prompt as token ids: BOS first when the tokenizer has one."""
+    text = args.prompt or ""
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            die(f"prompt file not found: {args.prompt_file}")
+            raise UserError(f"prompt file not found: {args.prompt_file}") from None
         except (OSError, UnicodeDecodeError) as e:
-            die(f"cannot read prompt file {args.prompt_file}: {e}")
+            raise UserError(f"cannot read prompt file {args.prompt_file}: {e}") from None
         if not text.strip():
-            die(f"prompt file {args.prompt_file} is empty")
-    else:
-        text = args.prompt or ""
+            raise UserError(f"prompt file {args.prompt_file} is empty")
     ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(text)
     if not ids:
-        die("empty prompt and the tokenizer has no BOS token to start from: give --prompt")
+        raise UserError("empty prompt and the tokenizer has no BOS token to start from: give --prompt")
     if max(ids) >= cfg.vocab_size:
-        die(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
+        raise UserError(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
     if len(ids) > ctx:
-        die(f"the prompt has {len(ids)} tokens, longer than --ctx {ctx}")
-    dtype = pick_dtype(args.dtype, device)
+        raise UserError(f"the prompt has {len(ids)} tokens, longer than --ctx {ctx}")
+    return ids
+
+
+def check_memory(cfg, ctx, dtype, device):
     need, have = cache_bytes(cfg, ctx, dtype), memory_bytes(device)
     if have and need > have:
-        die(f"the KV cache for --ctx {ctx} takes {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of "
-            f"{device}: lower --ctx")
+        raise UserError(f"the KV cache for --ctx {ctx} takes {need / 2**30:.1f} GiB, more than the "
+                        f"{have / 2**30:.1f} GiB of {device}: lower --ctx")
     if ctx > cfg.context_length:
         note(f"note: --ctx {ctx} exceeds the {cfg.context_length} tokens this checkpoint was extended to "
              f"({describe(cfg.rope)}); continuing")
 
-    # 3) weights, then the KV cache for the whole context, once
-    model = load_model(args.model, device, dtype)
+
+def load(args, rope, ctx, device, dtype, prompt_len):
+    """The weights, then the KV cache for the whole context, once."""
+    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     model.set_rope(rope)
+    cfg = model.config
     try:
         model.setup_cache(1, ctx)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
-        die(f"cannot allocate the KV cache for --ctx {ctx} ({cache_bytes(cfg, ctx, dtype) / 2**30:.1f} GiB) on "
-            f"{device}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot allocate the KV cache for --ctx {ctx} ({cache_bytes(cfg, ctx, dtype) / 2**30:.1f} "
+                        f"GiB) on {device}: {str(e).splitlines()[0]}") from None
     note(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} "
          f"on {device}; rope {describe(rope)}")
     note(f"KV cache: {ctx} tokens x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x "
-         f"{cfg.head_dim} dims = {model.cache_bytes() / 2**20:.1f} MiB; prompt {len(ids)} tokens")
+         f"{cfg.head_dim} dims = {model.cache_bytes() / 2**20:.1f} MiB; prompt {prompt_len} tokens")
+    return model
 
-    # 4) generate, streaming
+
+def run(args, model, tok, ids, ctx, device, dtype):
+    """Generate, streaming the text to stdout; the speed goes to stderr."""
     step = compile_decode(model) if args.compile else None
     chunk = args.prefill_chunk or (4096 if device.type == "cuda" else 1024)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -391,14 +312,20 @@ def main(argv=None):
     note(f"peak memory: {peak_memory(device)}")
 
 
-def run(main):
-    """A command's entry point: Ctrl-C is one line and exit code 130 (the shell's code for SIGINT)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+def main(argv=None):
+    with one_line_errors():
+        args = parse_args(argv)
+        cfg, ctx = check_args(args)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
+        from data.prepare import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
+        tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
+        ids = read_prompt(args, tok, cfg, ctx)
+        check_memory(cfg, ctx, dtype, device)
+        model = load(args, rope, ctx, device, dtype, len(ids))
+        run(args, model, tok, ids, ctx, device, dtype)
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -20,6 +20,10 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
 --out receives a Hugging Face checkpoint (config.json with the method's rope_scaling and the new
 max_position_embeddings, model.safetensors, the tokenizer files) that sample.py, eval.py and
 transformers load as is; metrics.jsonl, one line per step; checkpoints/step-N for --resume.
+
+What this file teaches: the paper's recipe with FSDP2 in torchtitan's order (build on meta, checkpoint
+and shard each block, materialise, fill from the checkpoint), a flat training loop, and resumable
+sharded checkpoints that hold only data.
 """
 
 import argparse
@@ -28,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -47,8 +50,9 @@ except ImportError:
     resource = None
 
 from data.prepare import PackedData, load_tokenizer, read_meta
-from model import (CHECKPOINT_FILE, CHECKPOINTING, CheckpointError, Llama, LlamaConfig, check_writable, read_config,
-                   weight_files, write_json)
+from common import ArgumentParser, UserError, one_line_errors, reading
+from checkpoint import CHECKPOINT_FILE, CheckpointError, check_writable, read_config, read_tensors, write_json
+from model import CHECKPOINTING, Llama, LlamaConfig
 from rope import METHODS, RopeConfig
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
@@ -111,8 +115,7 @@ class TrainConfig:
 def parse_args(argv):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.error = die  # one line, exit code 2, as for every other bad input
+    p = ArgumentParser(description=__doc__, formatter_class=Formatter)
     for f in fields(TrainConfig):
         kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
         if kind is bool:
@@ -120,13 +123,6 @@ def parse_args(argv):
         else:
             p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
     return TrainConfig(**vars(p.parse_args(argv)))
-
-
-def die(msg):
-    """A user error: one line on stderr (from rank 0 only) and exit code 2, never a traceback."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---- checking the flags against the checkpoint and the data --------------------------------------------
@@ -138,12 +134,12 @@ def check_flags(tc):
         for name in names:
             value = getattr(tc, name)
             if value is not None and value < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
     def finite(name, low, above=False):
         value = getattr(tc, name)
         if value is not None and not (math.isfinite(value) and (value > low if above else value >= low)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
                              f"got {value}")
 
     at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
@@ -157,35 +153,35 @@ def check_flags(tc):
     finite("rope_theta", 1, above=True)
     if tc.init == "scratch":
         if tc.n_embd % tc.n_head or (tc.n_embd // tc.n_head) % 2:
-            raise ValueError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
+            raise UserError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
-            raise ValueError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
+            raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_writable(tc.out, "--out")
 
 
 def resolve(tc, world):
     """Fill the defaults that depend on the checkpoint and the data, and reject what cannot work.
-    Returns the model config and the tokenizer files to ship with it; raises ValueError."""
+    Returns the model config and the tokenizer files to ship with it; raises UserError."""
     if not tc.init or not tc.data:
-        raise ValueError("--init (a checkpoint directory, or 'scratch') and --data are required")
+        raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
     check_flags(tc)
     if tc.yarn_scale is not None:
         if tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale):
-            raise ValueError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+            raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
         tc.rope, tc.rope_factor = "yarn", tc.yarn_scale
     if tc.rope not in (None, "none") and tc.rope_factor is None:
-        raise ValueError(f"--rope {tc.rope} needs --rope-factor")
-    meta = read_meta(tc.data)
+        raise UserError(f"--rope {tc.rope} needs --rope-factor")
+    meta = reading(read_meta, tc.data)
     data_vocab = meta["vocab_size"]
 
     if tc.init == "scratch":
-        tok = load_tokenizer(tc.tokenizer or os.path.join(tc.data, meta["tokenizer"]))
+        tok = reading(load_tokenizer, tc.tokenizer or os.path.join(tc.data, meta["tokenizer"]))
         if tok.vocab_size != data_vocab:
-            raise ValueError(f"tokenizer/data vocab mismatch: the tokenizer has {tok.vocab_size} tokens, "
+            raise UserError(f"tokenizer/data vocab mismatch: the tokenizer has {tok.vocab_size} tokens, "
                              f"{tc.data} was tokenized with {data_vocab}")
         L = tc.original_ctx or (tc.seq_len and int(tc.seq_len / (tc.rope_factor or 1)))
         if not L:
-            raise ValueError("--init scratch needs --seq-len (or --original-ctx)")
+            raise UserError("--init scratch needs --seq-len (or --original-ctx)")
         C = tc.n_embd
         rope = RopeConfig(method=tc.rope or "none", theta=tc.rope_theta, head_dim=C // tc.n_head,
                           factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
@@ -196,8 +192,8 @@ def resolve(tc, world):
                            eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope)
         tok_files = list(tok.files)
     else:
-        base = LlamaConfig.from_hf(read_config(tc.init), where=os.path.join(tc.init, "config.json"))
-        check_shapes(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
+        base = LlamaConfig.from_pretrained(tc.init)
+        Llama.check_checkpoint(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
         L = tc.original_ctx or base.rope.original_max_position_embeddings
         if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
             rope = base.rope.replace(original_max_position_embeddings=L)
@@ -209,26 +205,28 @@ def resolve(tc, world):
         try:
             own = load_tokenizer(tc.init).vocab_size
         except FileNotFoundError:  # a checkpoint without a tokenizer: ship the one the data was made with
-            own, tok_files = data_vocab, load_tokenizer(os.path.join(tc.data, meta["tokenizer"])).files
+            own, tok_files = data_vocab, reading(load_tokenizer, os.path.join(tc.data, meta["tokenizer"])).files
+        except ValueError as e:  # one we cannot read
+            raise UserError(str(e)) from None
         if own != data_vocab:
-            raise ValueError(f"tokenizer/model vocab mismatch: {tc.data} was tokenized with {data_vocab} "
+            raise UserError(f"tokenizer/model vocab mismatch: {tc.data} was tokenized with {data_vocab} "
                              f"tokens, the tokenizer of {tc.init} has {own}: prepare the data with it")
         if data_vocab > mcfg.vocab_size:
-            raise ValueError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
+            raise UserError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
                              f"the model's vocabulary is {mcfg.vocab_size}")
 
     json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     tc.seq_len = tc.seq_len or int(rope.factor * rope.original_max_position_embeddings)
     if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
-        raise ValueError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
-    train = PackedData(tc.data, "train")
+        raise UserError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
+    train = reading(PackedData, tc.data, "train")
     if train.num_blocks(tc.seq_len) < 1:
-        raise ValueError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
+        raise UserError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
     if tc.batch_size % (world * tc.micro_batch):
-        raise ValueError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
+        raise UserError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
                          f"--micro-batch {tc.micro_batch}")
     if tc.steps < 1 or tc.warmup < 0 or tc.save_every < 0 or tc.eval_every < 0:
-        raise ValueError("--steps must be >= 1; --warmup, --save-every, --eval-every >= 0")
+        raise UserError("--steps must be >= 1; --warmup, --save-every, --eval-every >= 0")
     scratch = tc.init == "scratch"
     tc.lr = tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5)
     tc.lr_schedule = tc.lr_schedule or ("cosine" if scratch else "constant")
@@ -252,7 +250,7 @@ def check_side_file(file):
         allowed.append(os.path.join(os.path.dirname(os.path.dirname(folder)), "blobs"))
     target = os.path.realpath(file)
     if not any(os.path.commonpath([target, root]) == root for root in allowed):
-        raise ValueError(f"{file} is a symbolic link to {target}, outside its checkpoint: refusing to copy it "
+        raise UserError(f"{file} is a symbolic link to {target}, outside its checkpoint: refusing to copy it "
                          "(put the file itself there)")
 
 
@@ -261,14 +259,14 @@ def check_out(tc):
     else of the user's is ever overwritten or deleted there."""
     out = tc.out
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a directory")
+        raise UserError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out):
         names = [n for n in os.listdir(out) if n not in (".lock", ".export", ".export.tmp")]  # ours, hidden
         if names and "metrics.jsonl" not in names:
-            raise ValueError(f"--out {out} is not empty and not the output of a train.py run (no metrics.jsonl): "
+            raise UserError(f"--out {out} is not empty and not the output of a train.py run (no metrics.jsonl): "
                              "pick a new or empty directory")
         if tc.init != "scratch" and os.path.isdir(tc.init) and os.path.samefile(tc.init, out):
-            raise ValueError("--out must not be the --init checkpoint")
+            raise UserError("--out must not be the --init checkpoint")
 
 
 def lock_out(out):
@@ -288,24 +286,6 @@ def lock_out(out):
     return f
 
 
-def check_shapes(mcfg, path):
-    """Every tensor of the checkpoint, from the safetensors headers alone, against the shapes config.json
-    implies: a wrong shape (or a vocabulary too large to allocate) is found before any memory is."""
-    from safetensors import safe_open
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Llama(mcfg).state_dict().items()}
-    for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        except Exception as e:  # safetensors raises its own types for damaged files
-            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
-        for name, shape in shapes.items():
-            if name in expected and shape != expected[name]:
-                raise CheckpointError(f"{file}: {name} has shape {shape}, {os.path.join(path, 'config.json')} "
-                                      f"implies {expected[name]}")
-
-
 # ---- model: built on meta, sharded, materialised, then filled -----------------------------------------
 
 def build_model(mcfg, tc, device, world, bf16, fsdp):
@@ -313,6 +293,7 @@ def build_model(mcfg, tc, device, world, bf16, fsdp):
     #    per block, the checkpoint inside each block's forward (so a compiled block includes it)
     with torch.device("meta"):
         model = Llama(mcfg)
+    shapes = model.shapes()
     model.set_activation_checkpointing(tc.activation_checkpointing)
     if tc.compile:
         for block in model.model.layers:
@@ -338,47 +319,24 @@ def build_model(mcfg, tc, device, world, bf16, fsdp):
         torch.manual_seed(tc.seed)
         full = Llama(mcfg)
         full.init_weights()
-        fill_weights(model, full.state_dict().items(), "scratch init")
+        fill_weights(model, full.state_dict().items())
     else:
-        fill_weights(model, checkpoint_tensors(tc.init), tc.init)
+        fill_weights(model, read_tensors(tc.init, shapes, mcfg.tie_word_embeddings))
     return model
 
 
-def checkpoint_tensors(path):
-    """(name, tensor) of a safetensors checkpoint, one at a time, read from the memory-mapped files."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if not name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
-                        yield name, f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own types for damaged files
-            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
-
-
 @torch.no_grad()
-def fill_weights(model, named_tensors, where):
-    """Copy full tensors into the model; with FSDP each rank slices out its own shard locally (no
-    communication), so no rank ever holds more than one full tensor beside its shards."""
+def fill_weights(model, named_tensors):
+    """Copy full tensors (checked by read_tensors) into the model; with FSDP each rank slices out its own
+    shard locally (no communication), so no rank ever holds more than one full tensor beside its shards."""
     params = model.state_dict()  # with FSDP2: DTensors sharded on dim 0
-    if model.config.tie_word_embeddings:
-        params.pop("lm_head.weight")
     for name, t in named_tensors:
-        if name not in params:
-            if name == "lm_head.weight" and model.config.tie_word_embeddings:
-                continue
-            raise CheckpointError(f"{where}: unexpected tensor {name!r} (not a Llama weight)")
-        dst = params.pop(name)
-        if t.shape != dst.shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(dst.shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: {name} holds NaN or infinite values (a diverged or damaged checkpoint)")
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # the embedding
+        dst = params[name]
         if isinstance(dst, DTensor):
             t = distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None)
         dst.copy_(t)
-    if params:
-        raise CheckpointError(f"{where} is missing tensors: {', '.join(sorted(params)[:3])}")
 
 
 def export(model, mcfg, tc, tok_files, save_dtype, master):
@@ -641,10 +599,77 @@ def evaluate(model, val, tc, rank, world, device, amp):
     return (total[0] / total[1]).item()
 
 
-# ---- main ------------------------------------------------------------------------------------------------
+# ---- main: check, claim --out, build, resume, train, export ------------------------------------------
+
+def check(tc, world, cuda, bf16):
+    """Everything the user gave, before any process group or memory is set up. Returns the model config,
+    the tokenizer files to ship, and the dtype of the output."""
+    mcfg, tok_files = resolve(tc, world)
+    check_out(tc)
+    if tc.resume is False and checkpoints(tc.out):
+        raise UserError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device")
+    # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
+    hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
+    return mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+
+
+def claim_out(tc, device, world, master, fsdp, cleanup):
+    """Rank 0 locks --out, then the process group is made (and let go by `cleanup`), every rank learns
+    whether the lock was had, and an export that an earlier run left half-published is finished."""
+    lock = None
+    if master:
+        os.makedirs(tc.out, exist_ok=True)
+        lock = lock_out(tc.out)
+        if lock:
+            cleanup.callback(lock.close)
+    if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
+        alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, **alone)
+        if alone:  # however run() ends, so that main() can run again in this process
+            cleanup.callback(leave_process_group)
+    locked = torch.tensor([float(lock is not None)], device=device if world > 1 else "cpu")
+    if world > 1:
+        dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
+    if not locked.item():
+        raise UserError(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, "
+                        "or pick another --out")
+    if master and os.path.isdir(os.path.join(tc.out, ".export")):
+        publish_export(tc.out)
+        print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/.export",
+              file=sys.stderr)
+
+
+def resume(model, optimizer, tc, rank, world, master):
+    """The step to start from: with --resume, that of the last checkpoint, whose state is loaded; else 0.
+    metrics.jsonl keeps the steps that the restored state has seen, and drops the lost ones."""
+    start = 0
+    if tc.resume and checkpoints(tc.out):
+        start = load_state(model, optimizer, tc, checkpoints(tc.out)[-1], rank, world)
+    log_path = os.path.join(tc.out, "metrics.jsonl")
+    if master:
+        lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
+    return start
+
+
+def flops(model, mcfg, tc, device):
+    """(parameters, flops per token, the GPU's peak bf16 flops or None): 6 flops per weight per token for
+    the matmuls of forward and backward (the embedding lookup is not one), plus attention; recomputation
+    is not counted (PaLM's convention)."""
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
+    n_matmul = n_params - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    per_token = 6 * n_matmul + 12 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * tc.seq_len
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+    return n_params, per_token, peak
+
 
 def main(argv=None):
-    with ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
+    with one_line_errors(), ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
         run(argv, cleanup)
 
 
@@ -659,53 +684,17 @@ def run(argv, cleanup):
     # FSDP2 under torchrun, and on CUDA always: a single GPU takes the path of eight
     fsdp = "WORLD_SIZE" in os.environ or device.type == "cuda"
     # 2) check everything the user gave before any process group or memory is set up
-    try:
-        mcfg, tok_files = resolve(tc, world)
-        check_out(tc)
-        if tc.resume is False and checkpoints(tc.out):
-            raise ValueError(f"{tc.out} holds checkpoints of an earlier run: add --resume, or pick another --out")
-        # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
-        hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if bf16 else "float32"}
-        save_dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
-        if cuda and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no CUDA device")
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        die(str(e))
+    mcfg, tok_files, save_dtype = check(tc, world, cuda, bf16)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    lock = None
-    if master:
-        os.makedirs(tc.out, exist_ok=True)
-        lock = lock_out(tc.out)
-        if lock:
-            cleanup.callback(lock.close)
-    if fsdp:  # torchrun's environment says where the others are; one plain process is a group of one
-        alone = {} if "WORLD_SIZE" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None, **alone)
-        if alone:  # however run() ends, so that main() can run again in this process
-            cleanup.callback(leave_process_group)
-    if world > 1:
-        locked = torch.tensor([float(lock is not None)], device=device)
-        dist.broadcast(locked, 0)  # every rank learns whether rank 0 got --out
-    else:
-        locked = torch.tensor([float(lock is not None)])
-    if not locked.item():
-        die(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, or pick "
-            "another --out")
-    if master and os.path.isdir(os.path.join(tc.out, ".export")):
-        publish_export(tc.out)
-        print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/.export",
-              file=sys.stderr)
+    claim_out(tc, device, world, master, fsdp, cleanup)
     # 3) model, optimizer, data
     try:
         model = build_model(mcfg, tc, device, world, bf16, fsdp)
-    except CheckpointError as e:
-        die(str(e))
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "alloc" not in str(e) and not isinstance(e, MemoryError):
             raise
-        die(f"cannot allocate the model ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, vocabulary "
+        raise UserError(f"cannot allocate the model ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, vocabulary "
             f"{mcfg.vocab_size}) on {device}: {str(e).splitlines()[0]}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
@@ -714,25 +703,9 @@ def run(argv, cleanup):
     accum = tc.batch_size // (world * tc.micro_batch)
     # without FSDP (one process on CPU): autocast gives bf16 compute on fp32 weights; FSDP's policy does it otherwise
     amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if bf16 and not fsdp else nullcontext
-    start = 0
-    if tc.resume and checkpoints(tc.out):
-        last = checkpoints(tc.out)[-1]
-        try:
-            start = load_state(model, optimizer, tc, last, rank, world)
-        except CheckpointError as e:
-            die(str(e))
+    start = resume(model, optimizer, tc, rank, world, master)
     log_path = os.path.join(tc.out, "metrics.jsonl")
-    if master:  # keep the log of the steps that the restored state has seen, drop the lost ones
-        lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(l + "\n" for l in lines if json.loads(l).get("step", 0) <= start)
-    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
-    # 6 flops per weight per token for the matmuls of forward and backward (the embedding lookup is not one),
-    # plus attention; recomputation is not counted (PaLM's convention)
-    n_matmul = n_params - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
-    flops_per_token = 6 * n_matmul + 12 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * tc.seq_len
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+    n_params, flops_per_token, peak = flops(model, mcfg, tc, device)
     if master:
         print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="
               f"{mcfg.rope.original_max_position_embeddings}, seq_len {tc.seq_len}, {world} process(es) x "
@@ -757,7 +730,7 @@ def run(argv, cleanup):
         log = meter.read(m)
         if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):  # every rank sees the same values
             bar.close()
-            die(f"step {log['step']}: loss {log['loss']}, gradient norm {log['grad_norm']}: training diverged "
+            raise UserError(f"step {log['step']}: loss {log['loss']}, gradient norm {log['grad_norm']}: training diverged "
                 f"(lower --lr?); nothing exported, checkpoints in {tc.out} are kept")
         return log
 
@@ -808,9 +781,7 @@ def run(argv, cleanup):
                         save_state(model, optimizer, tc, step + 1, rank, world, master)
                     except OSError as e:  # a full disk: the last complete checkpoint stays
                         bar.close()
-                        die(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
-                    if master and os.environ.get("TRAIN_TEST_SIGKILL_AT_STEP") == str(step + 1):
-                        os.kill(os.getpid(), signal.SIGKILL)  # for tests/test_train.py: a crash after a checkpoint
+                        raise UserError(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
     bar.close()
     if master and meter.steps:
         print(meter.summary(), file=sys.stderr)
@@ -819,7 +790,7 @@ def run(argv, cleanup):
     try:
         export(model, mcfg, tc, tok_files, save_dtype, master)
     except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
-        die(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
+        raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
     if master:
         val_loss = log["val_loss"] if start < tc.steps else None
         print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
@@ -843,13 +814,7 @@ def run_and_exit(argv=None):
     distributed = "WORLD_SIZE" in os.environ or torch.cuda.is_available()  # when run() may make a process group
     code = 0
     try:
-        main(argv)
-    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT; checkpoints are renamed into place
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("interrupted", file=sys.stderr)
-        code = 130
-        if not distributed:
-            sys.exit(code)
+        main(argv)  # a user error or Ctrl-C is a SystemExit with code 2 or 130 (one_line_errors)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not distributed:

@@ -57,7 +57,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402  (after the path: bench/ runs as a script)
+from common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
+from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 # The models: "135m" has the shape of SmolLM-135M (a small real Llama-family model), with YaRN x8
@@ -114,11 +115,6 @@ class BenchConfig:
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
 
 def parse_workload(name):
     kind, _, n = name.partition("-")
@@ -522,7 +518,7 @@ def machine_info(device, threads):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
         if type(f.default) is bool:
@@ -537,22 +533,22 @@ def parse_args(argv):
 def resolve(cfg):
     """Check the flags; return the sizes and workloads to run."""
     if importlib.util.find_spec("transformers") is None:  # a bench-only dependency
-        die("transformers is not installed: pip install -r requirements-dev.txt")
+        raise UserError("transformers is not installed: pip install -r requirements-dev.txt")
     if cfg.quick:
         cfg.sizes, cfg.reps, cfg.long_reps, cfg.min_time = "tiny", 1, 1, min(cfg.min_time, 0.2)
         cfg.workloads = cfg.workloads or ",".join(QUICK_WORKLOADS)
     sizes = [s for s in cfg.sizes.split(",") if s]
     for s in sizes:
         if s not in SIZES:
-            die(f"unknown size {s!r}: choose from {', '.join(SIZES)}")
+            raise UserError(f"unknown size {s!r}: choose from {', '.join(SIZES)}")
     if cfg.checkpointing not in CHECKPOINTING:
-        die(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {cfg.checkpointing!r}")
+        raise UserError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got {cfg.checkpointing!r}")
     if cfg.device not in ("cpu", "cuda"):
-        die(f"--device must be cpu or cuda, got {cfg.device!r}")
+        raise UserError(f"--device must be cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but torch sees no CUDA device")
+        raise UserError("--device cuda, but torch sees no CUDA device")
     if cfg.reps < 1 or cfg.long_reps < 1 or cfg.threads < 0 or cfg.decode_tokens < 0:
-        die("--reps and --long-reps must be at least 1, --threads and --decode-tokens not negative")
+        raise UserError("--reps and --long-reps must be at least 1, --threads and --decode-tokens not negative")
     workloads = []
     for w in [w for w in cfg.workloads.split(",") if w] or DEFAULT_WORKLOADS:
         if w in KINDS:  # a kind: its default lengths
@@ -561,12 +557,17 @@ def resolve(cfg):
         try:
             parse_workload(w)
         except ValueError as e:
-            die(str(e))
+            raise UserError(str(e))
         workloads.append(w)
     return sizes, workloads
 
 
 def main(argv=None):
+    with one_line_errors():
+        return run(argv)
+
+
+def run(argv):
     worker, cfg = parse_args(argv)
     if worker:  # a measurement subprocess: print one JSON line
         print(json.dumps(work(json.loads(worker))))
@@ -589,7 +590,7 @@ def main(argv=None):
     peak_spec = dict(base, task="peak", n=1024 if cfg.quick else 8192 if cfg.device == "cuda" else 4096)
     peaks = [spawn(peak_spec, cfg.wait_idle)]
     if "error" in peaks[0]:
-        die(peaks[0]["error"])
+        raise UserError(peaks[0]["error"])
 
     rows, checks = [], {}
     for size in sizes:
@@ -597,12 +598,12 @@ def main(argv=None):
         ckpt = build_checkpoint(size, cfg.cache_dir)
         c = checks[size] = spawn(dict(base, task="check", ckpt=ckpt))
         if "error" in c:
-            die(f"the parity check did not run: {c['error']}")
+            raise UserError(f"the parity check did not run: {c['error']}")
         log(f"{size}: max |logit diff| {c['max_abs_logit_diff']:.1e} (logits up to {c['logit_scale']:.2f}), "
             f"loss {c['loss_ours']:.6f} vs {c['loss_theirs']:.6f}, greedy tokens equal: {c['greedy_equal']}")
         if not (c["max_abs_logit_diff"] <= 1e-4 * max(1.0, c["logit_scale"]) and c["greedy_equal"]
                 and abs(c["loss_ours"] - c["loss_theirs"]) <= 1e-4):
-            die(f"{size}: ours and transformers give different outputs; refusing to time different computations")
+            raise UserError(f"{size}: ours and transformers give different outputs; refusing to time different computations")
         # 2) every workload, alternating ours and theirs, reps times
         n_new = cfg.decode_tokens or (64 if size == "135m" else 128)
         for w in workloads:

@@ -37,15 +37,12 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `common`
+from common import ArgumentParser, UserError, one_line_errors  # noqa: E402
+
 # Special tokens to try, in order, when a tokenizer.json comes without a config that names them.
 BOS_TOKENS = ["<s>", "<|begin_of_text|>"]
 EOS_TOKENS = ["</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"]
-
-
-def die(msg):
-    """A user error: one line on stderr and exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def read_text(path):
         with open(path, encoding="utf-8") as f:  # universal newlines: \r\n becomes \n
             return f.read()
     except UnicodeDecodeError as e:
-        die(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
 
 
 def read_jsonl_line(path, offset, lineno, text_key):
@@ -197,9 +194,9 @@ def read_jsonl_line(path, offset, lineno, text_key):
     try:
         text = json.loads(line)[text_key]
     except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
-        die(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
+        raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
     if not isinstance(text, str):
-        die(f"{path}:{lineno}: {text_key!r} is not a string")
+        raise UserError(f"{path}:{lineno}: {text_key!r} is not a string")
     return text
 
 
@@ -214,9 +211,9 @@ def find_documents(inputs, text_key="text"):
         elif os.path.isfile(path):
             files.append(path)
         else:
-            die(f"input not found: {path}")
+            raise UserError(f"input not found: {path}")
     if not files:
-        die(f"no documents found in {' '.join(inputs)} (directories are searched for .txt files)")
+        raise UserError(f"no documents found in {' '.join(inputs)} (directories are searched for .txt files)")
 
     docs = []
     for path in files:
@@ -234,7 +231,7 @@ def find_documents(inputs, text_key="text"):
     # reading every document once here costs a pass, but catches bad lines before anything is written
     docs = [(name, load) for name, load in docs if load().strip()]
     if not docs:
-        die(f"all documents in {' '.join(inputs)} are empty")
+        raise UserError(f"all documents in {' '.join(inputs)} are empty")
     return docs
 
 
@@ -434,7 +431,12 @@ class PackedData:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    with one_line_errors():
+        run(argv)
+
+
+def run(argv):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt files, directories of .txt files, or .jsonl files")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json and the tokenizer")
     group = p.add_mutually_exclusive_group(required=True)
@@ -443,28 +445,23 @@ def main(argv=None):
     p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val shuffle and of tokenizer training")
-    p.error = die  # one line, exit code 2, as for every other bad input
     args = p.parse_args(argv)
 
     if not 0 <= args.val_fraction < 1:
-        die(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     docs = find_documents(args.input, args.text_key)
     train, val = split_documents(docs, args.val_fraction, args.seed)
     try:
         meta = prepare(args.out, train, val, args.tokenizer, args.train_tokenizer, args.seed)
     except (FileNotFoundError, ValueError) as e:
-        die(str(e))
+        raise UserError(str(e))
     except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
-        die(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
+        raise UserError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
     except OSError as e:  # --out is a file or read-only, the disk is full: meta.json is not (re)written
-        die(f"cannot write {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+        raise UserError(f"cannot write {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
     print(f"{args.out}: {len(train)} train docs, {meta['train']['tokens']:,} tokens; "
           f"{len(val)} val docs, {meta['val']['tokens']:,} tokens; vocab {meta['vocab_size']} ({meta['dtype']})")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; meta.json is written last
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    main()  # Ctrl-C: one line and exit code 130 (one_line_errors); meta.json is written last

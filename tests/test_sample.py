@@ -16,9 +16,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
+from common import UserError, rope_config  # noqa: E402
 from data.prepare import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
+from tests.test_model import logits_for_length  # noqa: E402
 
 L = 32  # original context of the test models: prompts of 20 tokens + 30 new ones cross it
 ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the command line's defaults are CUDA and bf16 where there is a GPU
@@ -52,8 +54,8 @@ def reference_greedy(model, prompt, n, rope_lens=None):
     seq = list(prompt)
     logits = []
     for i in range(n):
-        rope_len = rope_lens[i] if rope_lens else None
-        out = model(torch.tensor([seq]), rope_len=rope_len)[0, -1]
+        rope_len = rope_lens[i] if rope_lens else len(seq)
+        out = logits_for_length(model, torch.tensor([seq]), rope_len)[0, -1]
         logits.append(out)
         seq.append(int(out.argmax()))
     return seq[len(prompt):], logits
@@ -88,7 +90,7 @@ def test_cached_decoding_with_default_growth_matches_its_rope_len(method):
     assert len(set(rope_lens)) > 2 and max(rope_lens) > L  # the text crossed L and the scale moved
     for i, (token, logits, rope_len) in enumerate(steps):
         seq = prompt + new[:i]
-        full = model(torch.tensor([seq]), rope_len=rope_len)[0, -1]
+        full = logits_for_length(model, torch.tensor([seq]), rope_len)[0, -1]
         torch.testing.assert_close(logits, full, atol=2e-5, rtol=1e-4)
         assert token == int(full.argmax())
 
@@ -100,7 +102,7 @@ def test_chunked_prefill_equals_one_pass(method):
     model.setup_cache(1, 128)
     first = []
     sample.generate(model, prompt, 1, chunk_size=16, on_token=lambda t, lg: first.append(lg))  # 7 chunks
-    full = model(torch.tensor([prompt]), rope_len=model.cache.rope_len)[0, -1]
+    full = logits_for_length(model, torch.tensor([prompt]), model.cache.rope_len)[0, -1]
     torch.testing.assert_close(first[0], full, atol=2e-5, rtol=1e-4)
 
 
@@ -157,23 +159,23 @@ def test_sample_token_filters():
     assert a == b  # the seed decides
     for bad in [dict(temperature=-1, top_k=0, top_p=1), dict(temperature=1, top_k=-1, top_p=1),
                 dict(temperature=1, top_k=0, top_p=0), dict(temperature=1, top_k=0, top_p=1.5)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             sample.check_sampling(**bad)
 
 
 def test_rope_config_override():
     base = RopeConfig(method="yarn", factor=16, head_dim=16, original_max_position_embeddings=4096,
                       attention_factor=1.5)
-    assert sample.rope_config(base) is base
-    assert sample.rope_config(base, "model", 32).factor == 32
-    assert sample.rope_config(base, "none").method == "none"
-    linear = sample.rope_config(base, "linear", None, target_len=16384)
+    assert rope_config(base) is base
+    assert rope_config(base, "model", 32).factor == 32
+    assert rope_config(base, "none").method == "none"
+    linear = rope_config(base, "linear", None, target_len=16384)
     assert (linear.method, linear.factor, linear.attention_factor) == ("linear", 4.0, None)
-    assert sample.rope_config(base, "dynamic-yarn", None, 16384).factor == 1.0
-    with pytest.raises(ValueError):
-        sample.rope_config(base, "rotary")
-    with pytest.raises(ValueError):
-        sample.rope_config(base.replace(method="none", factor=1.0, attention_factor=None), "model", 2.0)
+    assert rope_config(base, "dynamic-yarn", None, 16384).factor == 1.0
+    with pytest.raises(UserError):
+        rope_config(base, "rotary")
+    with pytest.raises(UserError):
+        rope_config(base.replace(method="none", factor=1.0, attention_factor=None), "model", 2.0)
 
 
 # ---- command line ----------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def test_cli_streams_greedy_text(checkpoint, capsys):
     out, err = capsys.readouterr()
     tok = load_tokenizer(checkpoint)
     model = Llama.from_pretrained(checkpoint)
-    model.set_rope(sample.rope_config(model.config.rope, "dynamic-yarn"))
+    model.set_rope(rope_config(model.config.rope, "dynamic-yarn"))
     ids = [tok.bos_id] + tok.encode("the quick brown")
     new, _ = sample.generate(model, ids, 12, eos_id=tok.eos_id)
     assert out == tok.decode(new) + "\n"

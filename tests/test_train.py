@@ -65,14 +65,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_train(args, nproc=None, env=None):
+def run_train(args, nproc=None, env=None, crash_after_step=None):
     """train.py under torchrun with nproc CPU processes, or as a plain `python train.py` (nproc None).
-    On CPU even where there is a GPU: these are tests of the CPU path."""
+    On CPU even where there is a GPU: these are tests of the CPU path. crash_after_step: rank 0 is
+    killed by SIGKILL right after saving the checkpoint of that step (tests/crash_after_checkpoint.py)."""
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port())] if nproc else [sys.executable])
+    script = [os.path.join(ROOT, "train.py")] if crash_after_step is None else \
+        [os.path.join(ROOT, "tests", "crash_after_checkpoint.py"), str(crash_after_step)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(launch + [os.path.join(ROOT, "train.py")] + [str(a) for a in args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(launch + script + [str(a) for a in args], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def losses(out):
@@ -151,7 +154,7 @@ def test_resume_after_sigkill_is_exact(work, fsdp_out):
     out = work / "killed"
     args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
             "--save-every", "3", "--activation-checkpointing", "full"]
-    r = run_train(args, nproc=2, env={"TRAIN_TEST_SIGKILL_AT_STEP": "3"})  # rank 0 dies right after saving step 3
+    r = run_train(args, nproc=2, crash_after_step=3)  # rank 0 dies right after saving step 3
     assert r.returncode != 0
     assert os.listdir(out / "checkpoints") == ["step-000003"] and not (out / "config.json").exists()
     # a crash in the middle of the next save left a partial temporary directory: it must be ignored
@@ -174,7 +177,7 @@ def test_resume_on_another_world_size(work, fsdp_out):
     out = work / "reshard"
     args = ["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE,
             "--save-every", "3", "--activation-checkpointing", "full"]
-    r = run_train(args, nproc=2, env={"TRAIN_TEST_SIGKILL_AT_STEP": "3"})
+    r = run_train(args, nproc=2, crash_after_step=3)
     assert r.returncode != 0 and sorted(os.listdir(out / "checkpoints" / "step-000003")) == [
         "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "train_state.json"]
     r = run_train(args + ["--resume"])

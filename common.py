@@ -1,0 +1,133 @@
+"""
+What the commands (train.py, sample.py, eval.py) share: one exception type for the user's mistakes and
+the boundary that turns it into one line, the device and dtype, and the RoPE method asked on the
+command line. Read it after model.py: it teaches how a command stays quiet about its own plumbing.
+
+    from common import UserError, one_line_errors
+    def main(argv=None):
+        with one_line_errors():   # UserError -> "error: ..." and exit code 2; Ctrl-C -> exit code 130
+            ...
+
+A bug is not a UserError: it keeps its traceback.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from rope import DYNAMIC_METHODS, METHODS
+
+MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a flag, a file, a checkpoint); the message is one line meant for them."""
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A command's one error boundary: a UserError is one line on stderr (from rank 0 only under torchrun)
+    and exit code 2, never a traceback; Ctrl-C is one line and exit code 130 (the shell's code for SIGINT)."""
+    try:
+        yield
+    except UserError as e:
+        print0(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print0("interrupted")
+        sys.exit(130)
+
+
+def print0(msg):
+    """A line on stderr, from rank 0 only: under torchrun every rank runs the same checks."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as a UserError too (one line, instead of the usage text --help shows)."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+# ---- device, dtype ------------------------------------------------------------------------------------
+
+def pick_device(name=None):
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:  # a name torch does not know
+        raise UserError(str(e)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def pick_dtype(name, device):
+    if name in (None, "auto"):  # bf16 where it is fast and flash attention wants it, fp32 on CPU
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def attention_backends(device, dtype):
+    """On CUDA in bf16/fp16: flash attention (which also does grouped-query attention), and no fallback
+    to the math kernel, which would materialise (T, T) attention weights: a case flash cannot handle then
+    fails loudly instead of silently using memory quadratic in the context. (fp32 has no flash kernel.)"""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
+
+
+# ---- the RoPE method of --rope ------------------------------------------------------------------------
+
+def rope_config(base, method="model", factor=None, target_len=None):
+    """The RopeConfig for `method` on a checkpoint whose own is `base`: "model" keeps the checkpoint's
+    (with `factor` if given), "none" is plain RoPE; any other method of rope.py keeps the checkpoint's
+    theta and original length L. Static methods default to factor target_len / L, so they reach the
+    context asked for; dynamic ones to 1 (they scale with the text). Raises UserError."""
+    if method == "model":
+        if factor is not None and base.method == "none":
+            raise UserError("--rope-factor needs a --rope METHOD: this checkpoint uses plain RoPE")
+        return base if factor is None else checked(base.replace, factor=float(factor))
+    if method not in METHODS:
+        raise UserError(f"unknown RoPE method {method!r}; choose model or one of {', '.join(METHODS)}")
+    fresh = dict(attention_factor=None, mscale=None, mscale_all_dim=None)  # the old method's own knobs
+    if method == "none":
+        return base.replace(method="none", factor=1.0, **fresh)
+    if factor is None:
+        L = base.original_max_position_embeddings
+        factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
+    return checked(base.replace, method=method, factor=float(factor), **fresh)
+
+
+def checked(replace, **kw):
+    """rope.py checks every value it is given (ValueError): here those values came from the user."""
+    try:
+        return replace(**kw)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def describe(rope):
+    """A short label: 'yarn s=8 (L=4096)', 'dynamic-yarn (L=4096)', 'none (L=4096)'."""
+    s = "" if rope.method in ("none", "dynamic-yarn") or (rope.is_dynamic and rope.factor == 1) \
+        else f" s={rope.factor:g}"
+    return f"{rope.method}{s} (L={rope.original_max_position_embeddings})"
+
+
+def reading(fn, *args, prefix=""):
+    """fn(*args), a reader of files the user named (data/prepare.py's tokenizer and dataset readers,
+    a prompt file): the ValueError or OSError it raises for a missing or damaged file is the user's,
+    and becomes a UserError. Only around such calls, so a bug elsewhere keeps its traceback."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{prefix}{e}") from None

@@ -576,7 +576,7 @@ class StepMeter:
         tokens_per_s = self.tokens * self.steps / self.seconds
         mfu = f", MFU {tokens_per_s / self.world * self.flops_per_token / self.peak:.1%}" if self.peak else ""
         return (f"{tokens_per_s:.1f} tokens/s{mfu} over the last {self.steps} steps; the first step took "
-                f"{self.first:.2f}s (compilation, warm-up)")
+                f"{self.first:.2f}s (warm-up, and compilation with --compile)")
 
 
 @torch.no_grad()

@@ -269,42 +269,34 @@ def plot_passkey(results, lengths, depths, path):
     return True
 
 
-def check_ppl_run(run):
-    """Raise ValueError unless `run` has the shape eval.py ppl --json writes."""
-    if not isinstance(run, dict) or run.get("task") != "ppl":
-        raise ValueError("not the output of eval.py ppl --json")
+def check_run(run):
+    """Raise ValueError unless `run` has the shape eval.py ppl --json or passkey --json writes."""
+    task = run.get("task") if isinstance(run, dict) else None
+    if task not in ("ppl", "passkey"):
+        raise ValueError("not the output of eval.py ppl --json or passkey --json")
     lengths, results = run.get("lengths"), run.get("results")
     if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
         raise ValueError('"lengths" must be a list of integers')
-    if not isinstance(results, list) or not results:
-        raise ValueError('"results" must be a non-empty list')
-    for r in results:
-        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("ppl"), dict)):
-            raise ValueError('each result needs a "method" string and a "ppl" object')
-        for n, cell in r["ppl"].items():
-            ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
-                cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
-            if not ok:
-                raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
-
-
-def check_passkey_run(run):
-    """Raise ValueError unless `run` has the shape eval.py passkey --json writes."""
-    if not isinstance(run, dict) or run.get("task") != "passkey":
-        raise ValueError("not the output of eval.py passkey --json")
-    lengths, depths, results = run.get("lengths"), run.get("depths"), run.get("results")
-    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
-        raise ValueError('"lengths" must be a list of integers')
-    if not isinstance(depths, list) or not all(isinstance(d, (int, float)) for d in depths):
+    depths = run.get("depths")
+    if task == "passkey" and (not isinstance(depths, list) or not all(isinstance(d, (int, float)) for d in depths)):
         raise ValueError('"depths" must be a list of numbers')
     if not isinstance(results, list) or not results:
         raise ValueError('"results" must be a non-empty list')
+    cells = "ppl" if task == "ppl" else "accuracy"
     for r in results:
-        acc = r.get("accuracy") if isinstance(r, dict) else None
-        if not (isinstance(r.get("method"), str) and isinstance(acc, dict)):
-            raise ValueError('each result needs a "method" string and an "accuracy" object')
+        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get(cells), dict)):
+            raise ValueError(f'each result needs a "method" string and a "{cells}" object')
+    if task == "ppl":
+        for r in results:
+            for n, cell in r["ppl"].items():
+                ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
+                    cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
+                if not ok:
+                    raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
+        return
+    for r in results:
         for n in lengths:
-            row = acc.get(str(n))
+            row = r["accuracy"].get(str(n))
             if not isinstance(row, dict) or not all(isinstance(row.get(str(d)), (int, float)) for d in depths):
                 raise ValueError(f'{r["method"]} @ {n}: expected an accuracy for each depth')
 
@@ -320,8 +312,10 @@ def report(files, out=None):
         try:
             with open(f) as fh:
                 runs.append(json.load(fh))
-            task = runs[0].get("task") if isinstance(runs[0], dict) else None
-            (check_passkey_run if task == "passkey" else check_ppl_run)(runs[-1])
+            check_run(runs[-1])
+            if runs[-1]["task"] != runs[0]["task"]:
+                raise ValueError(f"not the output of eval.py {runs[0]['task']} --json, as the first file is "
+                                 "(a report merges runs of one task)")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except ValueError as e:  # also json.JSONDecodeError

@@ -352,6 +352,8 @@ CASES = {  # name: (command, argv builder (env, tmp_path), what the one line mus
     "eval lengths beyond fp32 positions": ("eval", lambda e, t: PPL(e)[:-1] + [str(2**30)], "--lengths"),
     "report neither ppl nor passkey": ("eval", lambda e, t: ["report", report_file(t, {"task": "sample"})],
                                        "not the output"),
+    "report passkey result not an object": ("eval", lambda e, t: ["report", report_file(t, {
+        "task": "passkey", "lengths": [8], "depths": [0.5], "results": [3]})], '"accuracy" object'),
     "report passkey without depths": ("eval", lambda e, t: ["report", report_file(t, {"task": "passkey",
                                                                                       "lengths": [8]})], "depths"),
     "report ppl without lengths": ("eval", lambda e, t: ["report", report_file(t, {"task": "ppl"})], "lengths"),

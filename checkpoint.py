@@ -128,10 +128,11 @@ CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|model\.safet
                              r"|model-\d{5}-of-\d{5}\.safetensors")
 
 
-def save(path, state, config_json, max_shard_bytes=5 * 2**30):
+def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     """Write config.json and the tensors of `state` as safetensors ({"format": "pt"} metadata), sharded
-    above max_shard_bytes, into a temporary directory that is then put in place of `path` (replace_dir):
-    a crash never leaves a half-written checkpoint, and an existing one is only replaced by a complete one."""
+    above max_shard_bytes, and copies of `extra_files` (a tokenizer), into a temporary directory that is
+    then put in place of `path` (replace_dir): a crash never leaves a half-written checkpoint, and an
+    existing one is only replaced by a complete one."""
     from safetensors.torch import save_file
     shards, size = [[]], 0
     for name, t in state.items():
@@ -156,6 +157,8 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30):
             total = sum(t.numel() * t.element_size() for t in state.values())
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for src in extra_files:
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
         write_json(os.path.join(tmp, "config.json"), config_json)
     return path
 

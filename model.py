@@ -509,10 +509,11 @@ class Llama(nn.Module):
             model = cls(cfg)
         check_tensors(path, model.shapes(), cfg.tie_word_embeddings)
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, extra_files=()):
         """Write config.json and safetensors ({"format": "pt"} metadata), sharded above
-        max_shard_bytes, into a temporary directory that is then renamed onto `path`: a crash never
-        leaves a half-written checkpoint, and an existing one is only replaced by a complete one."""
+        max_shard_bytes, and copies of `extra_files` (the tokenizer), into a temporary directory that is
+        then renamed onto `path`: a crash never leaves a half-written checkpoint, and an existing one is
+        only replaced by a complete one."""
         cfg = self.config
         if cfg.rope.method == "dynamic-yarn":
             print("note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json "
@@ -521,7 +522,7 @@ class Llama(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype
-        return save(path, state, cfg.to_hf(dtype), max_shard_bytes)
+        return save(path, state, cfg.to_hf(dtype), max_shard_bytes, extra_files)
 
 
 # ---- attention, and its two CPU fast paths ----------------------------------------------------------

@@ -261,7 +261,7 @@ def check_out(tc):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out):
-        names = [n for n in os.listdir(out) if n not in (".lock", ".export", ".export.tmp")]  # ours, hidden
+        names = [n for n in os.listdir(out) if n not in (".lock", ".export")]  # ours, hidden
         if names and "metrics.jsonl" not in names:
             raise UserError(f"--out {out} is not empty and not the output of a train.py run (no metrics.jsonl): "
                              "pick a new or empty directory")
@@ -353,12 +353,7 @@ def export(model, mcfg, tc, tok_files, save_dtype, master):
     plain.load_state_dict({k: v.to("cpu", save_dtype) for k, v in state.items()}, assign=True, strict=False)
     if mcfg.tie_word_embeddings:
         plain.lm_head.weight = plain.model.embed_tokens.weight
-    staging, staged = os.path.join(tc.out, ".export.tmp"), os.path.join(tc.out, ".export")
-    shutil.rmtree(staging, ignore_errors=True)  # debris of an export that was killed
-    plain.save_pretrained(staging)
-    for src in tok_files:
-        shutil.copyfile(src, os.path.join(staging, os.path.basename(src)))
-    os.rename(staging, staged)  # out/.export exists: it is complete
+    plain.save_pretrained(os.path.join(tc.out, ".export"), extra_files=tok_files)  # exists only complete
     publish_export(tc.out)
 
 

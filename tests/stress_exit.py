@@ -11,7 +11,6 @@ on 2 cores).
 
 import argparse
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data.prepare import main as prepare_data  # noqa: E402
-from tests.test_train import FINETUNE, tiny_checkpoint  # noqa: E402
+from tests.test_train import FINETUNE, tiny_checkpoint, write_verse  # noqa: E402
 
 
 def free_port():
@@ -36,13 +35,7 @@ def main():
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs of failed runs)")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="stress-exit-")
-    words = "the king queen crown sword night day love death speak hear what thou thee my lord good ill".split()
-    rng = random.Random(0)
-    os.makedirs(os.path.join(work, "corpus"))
-    for i in range(8):
-        lines = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200))
-        with open(os.path.join(work, "corpus", f"doc{i}.txt"), "w") as f:
-            f.write("\n".join(lines))
+    write_verse(os.path.join(work, "corpus"), 8, 200)  # the corpus of tests/test_train.py
     data, ckpt = os.path.join(work, "data"), os.path.join(work, "ckpt")
     prepare_data(["--input", os.path.join(work, "corpus"), "--out", data, "--train-tokenizer", "320",
                   "--val-fraction", "0.25"])

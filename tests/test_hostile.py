@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ import train  # noqa: E402
 from data import prepare  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
+from tests.test_train import write_verse  # noqa: E402
 
 L = 64
 VOCAB = 320
@@ -67,12 +67,7 @@ def env(tmp_path_factory):
     """A prepared corpus (320-token sentencepiece), a random tiny checkpoint with that tokenizer, a deep
     one (64 layers: its KV cache at 2^24 tokens exceeds any machine), and a resumable 1-step run."""
     d = tmp_path_factory.mktemp("hostile")
-    words = "the king queen crown sword night day love death speak hear what thou thee my lord good ill".split()
-    rng = random.Random(0)
-    os.makedirs(d / "corpus")
-    for i in range(6):
-        lines = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(150))
-        (d / "corpus" / f"doc{i}.txt").write_text("\n".join(lines))
+    write_verse(d / "corpus", 6, 150)
     prepare.main(["--input", str(d / "corpus"), "--out", str(d / "data"), "--train-tokenizer", str(VOCAB),
                   "--val-fraction", "0.3"])
     tiny_checkpoint(d / "ckpt")

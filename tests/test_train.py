@@ -43,16 +43,22 @@ def tiny_checkpoint(path, vocab, tokenizer=None, seed=0):
     return path
 
 
+def write_verse(folder, docs, lines):
+    """`docs` text files of `lines` lines of random verse each in `folder`: the same on every run."""
+    words = "the king queen crown sword night day love death speak hear what thou thee my lord good ill".split()
+    rng = random.Random(0)
+    os.makedirs(folder)
+    for i in range(docs):
+        text = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(lines))
+        with open(os.path.join(folder, f"doc{i}.txt"), "w") as f:
+            f.write("\n".join(text))
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A corpus of random verse, prepared with a 320-token sentencepiece, and a random tiny checkpoint."""
     d = tmp_path_factory.mktemp("train")
-    words = "the king queen crown sword night day love death speak hear what thou thee my lord good ill".split()
-    rng = random.Random(0)
-    os.makedirs(d / "corpus")
-    for i in range(8):
-        lines = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(200))
-        (d / "corpus" / f"doc{i}.txt").write_text("\n".join(lines))
+    write_verse(d / "corpus", 8, 200)
     prepare_data(["--input", str(d / "corpus"), "--out", str(d / "data"), "--train-tokenizer", "320",
                   "--val-fraction", "0.25"])
     tiny_checkpoint(d / "ckpt", 320, d / "data" / "tokenizer.model")

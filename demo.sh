@@ -46,7 +46,7 @@ else
   MODEL="--n-layer 4 --n-embd 192 --n-head 6 --n-kv-head 2"
   PRETRAIN="--steps 400 --batch-size 16 --micro-batch 16 --warmup 30 --lr 2e-3 --eval-every 100"
   TUNE="--steps 40 --batch-size 8 --micro-batch 1 --warmup 4 --lr 3e-4"
-  LENGTHS=256,512,1024,2048,4096 PASSKEY="--lengths 256,1024,2048,4096 --depths 0,0.5,1 --trials 4" EVAL_DOCS=3
+  LENGTHS=256,512,1024,2048,4096 PASSKEY="--lengths 256,512,1024,2048,4096 --depths 0,0.5,1 --trials 4" EVAL_DOCS=3
 fi
 mkdir -p "$out/results"
 timings="$out/results/timings.md"
@@ -93,10 +93,19 @@ step "perplexity: the PI-tuned model" "$out/results/ppl-pi.json" \
 step "perplexity: the YaRN-tuned model" "$out/results/ppl-yarn.json" \
   "$PYTHON" eval.py ppl --model "$out/yarn" --label YaRN-tuned --data "$heldout" --lengths $LENGTHS --max-docs $EVAL_DOCS \
     --json "$out/results/ppl-yarn.json"
-step "passkey retrieval: the YaRN-tuned model" "$out/results/passkey.json" \
-  "$PYTHON" eval.py passkey --model "$out/yarn" $PASSKEY --json "$out/results/passkey.json"
+#    passkey retrieval at L, 2L, 4L, 8L and S*L: the same rows as perplexity, less the methods the paper
+#    does not test there (the base model under plain RoPE, YaRN and dynamic YaRN; both tuned models)
+step "passkey: the base model, no fine-tuning" "$out/results/passkey-base.json" \
+  "$PYTHON" eval.py passkey --model "$out/base" --label base $PASSKEY --rope none --rope yarn:$S --rope dynamic-yarn \
+    --json "$out/results/passkey-base.json"
+step "passkey: the PI-tuned model" "$out/results/passkey-pi.json" \
+  "$PYTHON" eval.py passkey --model "$out/pi" --label PI-tuned $PASSKEY --json "$out/results/passkey-pi.json"
+step "passkey: the YaRN-tuned model" "$out/results/passkey-yarn.json" \
+  "$PYTHON" eval.py passkey --model "$out/yarn" --label YaRN-tuned $PASSKEY --json "$out/results/passkey-yarn.json"
 "$PYTHON" eval.py report "$out/results/ppl-base.json" "$out/results/ppl-pi.json" "$out/results/ppl-yarn.json" \
   --out "$out/results/ppl.md"
+"$PYTHON" eval.py report "$out/results/passkey-base.json" "$out/results/passkey-pi.json" \
+  "$out/results/passkey-yarn.json" --out "$out/results/passkey.md"
 
 # 6) sampling from the YaRN model with a whole held-out play as the prompt (a cut of it in --quick)
 play=$(ls "$out/data/heldout/"*.txt | head -n 1)
@@ -111,5 +120,7 @@ echo "== done. Results in $out/results/:"
 ls "$out/results"
 echo
 cat "$out/results/ppl.md"
+echo
+cat "$out/results/passkey.md"
 echo
 cat "$timings"

@@ -53,6 +53,7 @@ import math
 import os
 import random
 import re
+import textwrap
 import time
 from dataclasses import asdict
 
@@ -262,7 +263,7 @@ def plot_passkey(results, lengths, depths, path):
                 ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=8)
         ax.set_xlabel("depth of the key")
         ax.set_ylabel("context length")
-        ax.set_title(r["method"], fontsize=9)
+        ax.set_title(textwrap.fill(r["method"], 28), fontsize=9)  # a long label wraps, never overflows its panel
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

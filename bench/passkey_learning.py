@@ -128,7 +128,8 @@ def main(argv=None):
                 acc = passkey_accuracy(model, tok, [a.seq_len], [0, 0.5, 1], a.trials, seed=1)[a.seq_len]
             model.train()
             row = dict(step=step, tokens=step * a.batch * a.seq_len, loss=loss.item(), repeat=repeat, first=first,
-                       answer=answer, eval_at_L=float(np.mean(list(acc.values()))), seconds=time.time() - t0)
+                       answer=answer, eval_at_L=float(np.mean(list(acc.values()))),
+                       eval_at_L_by_depth={str(d): v for d, v in acc.items()}, seconds=time.time() - t0)
             log.append(row)
             print(f"| {step} | {row['tokens'] / 1e6:.2f}M | {row['loss']:.3f} | {repeat:.0%} | {first:.0%} | "
                   f"{answer:.0%} | {row['eval_at_L']:.0%} | {row['seconds']:.0f} |", flush=True)

@@ -44,3 +44,4 @@ def test_two_steps_write_the_log(tmp_path, share):
     assert [r["step"] for r in log] == [1, 2] and [r["tokens"] for r in log] == [512, 1024]
     for r in log:
         assert all(0 <= r[k] <= 1 for k in ("repeat", "first", "answer", "eval_at_L")) and r["loss"] > 0
+        assert set(r["eval_at_L_by_depth"]) == {"0", "0.5", "1"}

@@ -1,8 +1,11 @@
 """
 Synthetic passkey documents to mix into a small model's pretraining, so that it learns the task within
 its own context L before any extension: the YaRN paper's Llama 2 already could, our 2.4M-parameter
-Shakespeare model cannot (a deviation from the paper, made so that the demo's passkey table measures
-something).
+Shakespeare model cannot (a deviation from the paper, meant to make the demo's passkey table measure
+something). bench/passkey_learning.py measures whether it does: within twice the demo's pretraining budget
+the model learns the fixed-distance copy inside the key line but not retrieval, so the demo does not mix
+these documents in (README, "Why the demo's passkey is 0%"); `data/shakespeare/prepare.py --passkey-docs N`
+still can.
 
 Each document has the shape of the evaluation prompt (eval.py, Mohtashami & Jaggi 2023): the task line,
 filler, the key line, filler, the question, and here also the answer. What the evaluation asks is never

@@ -2,7 +2,7 @@
 Synthetic passkey documents to mix into a small model's pretraining, so that it learns the task within
 its own context L before any extension: the YaRN paper's Llama 2 already could, our 2.4M-parameter
 Shakespeare model cannot (a deviation from the paper, meant to make the demo's passkey table measure
-something). bench/passkey_learning.py measures whether it does: within twice the demo's pretraining budget
+something). bench/passkey_learning.py measures whether it does: within five times the demo's pretraining tokens
 the model learns the fixed-distance copy inside the key line but not retrieval, so the demo does not mix
 these documents in (README, "Why the demo's passkey is 0%"); `data/shakespeare/prepare.py --passkey-docs N`
 still can.

@@ -3,7 +3,7 @@
 # Position Interpolation under equal training, the paper's perplexity comparison, passkey retrieval, and
 # sampling with a whole play as the prompt.
 #
-#   bash demo.sh                 # the full demo (about 20-25 minutes on 2 CPU cores), into demo-out/
+#   bash demo.sh                 # the full demo (about 10 minutes on 2 CPU cores), into demo-out/
 #   bash demo.sh --quick         # the same pipeline with tiny sizes (a minute or two; the tests run it)
 #   bash demo.sh --redo          # redo every step (by default a step whose output exists is skipped)
 #   bash demo.sh --out DIR       # somewhere else
@@ -93,8 +93,8 @@ step "perplexity: the PI-tuned model" "$out/results/ppl-pi.json" \
 step "perplexity: the YaRN-tuned model" "$out/results/ppl-yarn.json" \
   "$PYTHON" eval.py ppl --model "$out/yarn" --label YaRN-tuned --data "$heldout" --lengths $LENGTHS --max-docs $EVAL_DOCS \
     --json "$out/results/ppl-yarn.json"
-#    passkey retrieval at L, 2L, 4L, 8L and S*L: the same rows as perplexity, less the methods the paper
-#    does not test there (the base model under plain RoPE, YaRN and dynamic YaRN; both tuned models)
+#    passkey retrieval at L, 2L, 4L, 8L and S*L of the base model under plain RoPE, YaRN and dynamic YaRN,
+#    and of both tuned models
 step "passkey: the base model, no fine-tuning" "$out/results/passkey-base.json" \
   "$PYTHON" eval.py passkey --model "$out/base" --label base $PASSKEY --rope none --rope yarn:$S --rope dynamic-yarn \
     --json "$out/results/passkey-base.json"

@@ -20,6 +20,12 @@ def run_demo(out, *extra):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def table_row(table, row):
+    """The cells after the label of the markdown table's row that starts with `row`."""
+    line = next(l for l in table.splitlines() if l.startswith(f"| {row}"))
+    return [c.strip() for c in line.strip("|").split("|")[1:]]
+
+
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = run_demo(out)
@@ -38,9 +44,8 @@ def test_quick_demo_end_to_end(tmp_path):
     table = (res / "ppl.md").read_text()
     for row in ("base, none", "base, linear s=4", "base, ntk s=4", "base, dynamic-ntk", "base, yarn s=4",
                 "base, dynamic-yarn", "PI-tuned, model: linear s=4", "YaRN-tuned, model: yarn s=4"):
-        line = next(l for l in table.splitlines() if l.startswith(f"| {row}"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        assert len(cells) == 3 and all(float(c) > 1 for c in cells), line
+        cells = table_row(table, row)
+        assert len(cells) == 3 and all(float(c) > 1 for c in cells), cells
     # both tuned models learnt something: lower perplexity at L than the base model
     base = json.load(open(res / "ppl-base.json"))["results"][0]["ppl"]["64"]["ppl"]
     for name in ("ppl-pi.json", "ppl-yarn.json"):
@@ -50,9 +55,8 @@ def test_quick_demo_end_to_end(tmp_path):
     table = (res / "passkey.md").read_text()
     for row in ("base, none", "base, yarn s=4", "base, dynamic-yarn", "PI-tuned, model: linear s=4",
                 "YaRN-tuned, model: yarn s=4"):
-        line = next(l for l in table.splitlines() if l.startswith(f"| {row}"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        assert len(cells) == 2 and all(0 <= float(c.rstrip("%")) <= 100 for c in cells), line
+        cells = table_row(table, row)
+        assert len(cells) == 2 and all(0 <= float(c.rstrip("%")) <= 100 for c in cells), cells
     assert len((res / "sample.txt").read_text()) > 50
     # a second run skips every step whose output exists
     r = run_demo(out)

@@ -15,12 +15,12 @@ from rope import RopeConfig
 from tests.test_eval import WordTokenizer, copy_model, tiny_model
 from tests.test_train import write_verse
 
-LINES = [["the king is dead", "long live the queen", "what thou hear", "good night my lord"] * 10]
+LINES = ["the king is dead", "long live the queen", "what thou hear", "good night my lord"] * 10
 
 
 def documents(n, filler=(0, 6)):
     rng = random.Random(3)
-    return [passkey_document(rng, LINES[0], rng.randint(*filler)) for _ in range(n)]
+    return [passkey_document(rng, LINES, rng.randint(*filler)) for _ in range(n)]
 
 
 def test_copy_accuracy_is_1_for_a_copying_model_and_about_0_for_a_random_one():

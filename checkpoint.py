@@ -7,23 +7,21 @@ leaves half-written.
     hf = read_config(path)                                  # the config.json dict
     for name, t in read_tensors(path, expected_shapes):     # one tensor at a time, checked
         ...
-    save(path, state, config_json)                          # written aside, then renamed into place
+    save(path, state, config_json)                          # staged aside, then swapped in (publish.py)
 
 Both Llama.from_pretrained and train.py's sharded loading read weights through read_tensors: one
 stream, one set of checks and messages. Every problem is a CheckpointError, one line for the user.
 """
 
-import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 
 from common import UserError
+from publish import new_dir, write_json
 
 
 class CheckpointError(UserError, ValueError):
@@ -130,8 +128,8 @@ CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|model\.safet
 
 def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     """Write config.json and the tensors of `state` as safetensors ({"format": "pt"} metadata), sharded
-    above max_shard_bytes, and copies of `extra_files` (a tokenizer), into a temporary directory that is
-    then put in place of `path` (replace_dir): a crash never leaves a half-written checkpoint, and an
+    above max_shard_bytes, and copies of `extra_files` (a tokenizer), into a directory staged beside
+    `path` and then swapped in (publish.new_dir): a crash never leaves a half-written checkpoint, and an
     existing one is only replaced by a complete one."""
     from safetensors.torch import save_file
     shards, size = [[]], 0
@@ -144,7 +142,7 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
         size += nbytes
     path = os.path.abspath(path)
     check_replaceable(path)
-    with staging(path) as tmp:
+    with new_dir(path) as tmp:
         if len(shards) == 1:
             save_file({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
                       metadata={"format": "pt"})
@@ -163,53 +161,6 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     return path
 
 
-@contextlib.contextmanager
-def staging(path):
-    """`with staging(path) as tmp:` a new directory beside `path` to write into. When the block ends, it
-    is given the usual permissions and put in place of `path` (replace_dir); if the block raises, it is
-    removed and `path` is untouched."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    try:
-        yield tmp
-        publish_permissions(tmp)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone once in place; else the debris of a failure
-
-
-def check_writable(path, flag):
-    """`path` (which may not exist yet) must be a directory we can create files in: checked before
-    the work whose result goes there, not after it. Raises UserError naming `flag`."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag} {path}: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
-
-
-def write_json(file, obj):
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def publish_permissions(path):
-    """mkdtemp makes a 0700 directory and safetensors writes 0600 files: give them the usual modes
-    (what the umask allows), so other users and tools can read the checkpoint."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    for name in os.listdir(path):
-        os.chmod(os.path.join(path, name), 0o666 & ~umask)
-
-
 def check_replaceable(path):
     """save replaces a checkpoint, never anything else: `path` must not exist, or be a directory
     holding only the files save writes. Raises CheckpointError otherwise."""
@@ -220,29 +171,3 @@ def check_replaceable(path):
         if foreign:
             raise CheckpointError(f"refusing to replace {path}: it holds {foreign[0]!r}, which save_pretrained "
                                   "did not write (save to a new or empty directory)")
-
-
-def exchange_dirs(a, b):
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
-    system or file system cannot."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2, at_fdcwd, rename_exchange = getattr(libc, "renameat2", None), -100, 2
-    return bool(renameat2) and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def replace_dir(src, dst):
-    """Move the finished directory `src` onto `dst`. Where the system can, the two are exchanged
-    atomically, so `dst` is at every instant the old checkpoint or the new one. Elsewhere, two
-    renames: the old `dst` is first moved aside to .NAME.old-XXXX beside it, where it stays if the
-    process dies before the second rename."""
-    if os.path.isdir(dst) and exchange_dirs(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # now the old checkpoint
-        return
-    old = None
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-        os.rmdir(old)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import check_writable, write_json
+from publish import check_writable, write_json
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
                     pick_device, pick_dtype, reading, rope_config)
 from model import Llama, LlamaConfig

@@ -51,7 +51,8 @@ except ImportError:
 
 from data.prepare import PackedData, load_tokenizer, read_meta
 from common import ArgumentParser, UserError, one_line_errors, reading
-from checkpoint import CHECKPOINT_FILE, CheckpointError, check_writable, read_config, read_tensors, write_json
+from checkpoint import CHECKPOINT_FILE, CheckpointError, read_config, read_tensors
+from publish import check_writable, write_json
 from model import CHECKPOINTING, Llama, LlamaConfig
 from rope import METHODS, RopeConfig
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
+import publish
 import train
 from model import CheckpointError, Llama
 from tests.test_train import FINETUNE, losses, tiny_checkpoint, work  # noqa: F401  (work is a fixture)
@@ -98,7 +98,7 @@ def test_save_pretrained_replaces_only_a_checkpoint(tmp_path):
 def test_save_pretrained_without_atomic_exchange(tmp_path, monkeypatch):
     """Where renameat2 is missing the old checkpoint is moved aside, then the new one in."""
     m = Llama.from_pretrained(tiny_checkpoint(tmp_path / "ckpt", 64))
-    monkeypatch.setattr(checkpoint, "exchange_dirs", lambda a, b: False)
+    monkeypatch.setattr(publish, "exchange_dirs", lambda a, b: False)
     with torch.no_grad():
         m.lm_head.weight.zero_()
     m.save_pretrained(tmp_path / "ckpt")
@@ -112,7 +112,7 @@ def test_atomic_exchange_is_used_here(tmp_path):
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    if not checkpoint.exchange_dirs(str(a), str(b)):
+    if not publish.exchange_dirs(str(a), str(b)):
         pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 

@@ -11,16 +11,16 @@ A Llama (and Mistral-family) decoder in one file, that loads and saves Hugging F
 
 What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, attention, MLP, block, the
 model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
-RoPE exact), loading and saving. Then the attention function, whose two CPU fast paths are kept out of
-the way, and the KV cache. Module names are the Hugging Face ones (model.layers.0.self_attn.q_proj, ...),
-so a checkpoint is a plain load_state_dict; the files themselves are checkpoint.py's business, and
-rotary embeddings, with every way to scale them, rope.py's.
+RoPE exact), loading and saving; then the attention function and the KV cache. Module names are the
+Hugging Face ones (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict.
+Beside it: rope.py (rotary embeddings, with every way to scale them), hf_config.py (config.json and the
+model families), checkpoint.py (the files), fastpaths.py (the chunked loss and the CPU fast paths).
 """
 
 import math
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from checkpoint import CheckpointError, check_tensors, read_config, read_tensors, save
-from rope import RopeConfig, apply_rope, check_int, check_number, inv_freq_and_attention_factor, rope_cos_sin
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+from checkpoint import CheckpointError, check_tensors, read_config, read_tensors, save  # noqa: F401 (CheckpointError: for users)
+from hf_config import check_config, config_from_hf, config_to_hf
+from fastpaths import ChunkedCrossEntropy, Linear, cache_attention  # Linear: nn.Linear, faster for one row on a CPU
+from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
 
 
 @dataclass
@@ -54,27 +54,8 @@ class LlamaConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads"):
-            check_int(name, getattr(self, name))
-        if self.head_dim is None:
-            if self.hidden_size < self.num_attention_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is smaller than num_attention_heads "
-                                 f"{self.num_attention_heads}")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        check_int("head_dim", self.head_dim)
-        if not check_number("rms_norm_eps", self.rms_norm_eps) > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("bos_token_id", "eos_token_id"):  # eos may list several ids (Llama 3.1 instruct)
-            ids = getattr(self, name)
-            for i in ids if isinstance(ids, list) and name == "eos_token_id" else [ids]:
-                if i is not None:
-                    check_int(name, i, low=0)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        check_config(self)  # hf_config.py: every value's type and range (a config.json is user input)
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.rope.head_dim != self.head_dim:
             self.rope = self.rope.replace(head_dim=self.head_dim)
 
@@ -90,39 +71,12 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf, rope_scaling=..., where="config.json"):
-        """The config of a Hugging Face config.json dict; every value is checked for its type and range,
-        and a bad one is a CheckpointError naming `where` (the file) and the key."""
-        model_type = hf.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"{where}: unsupported model_type {model_type!r}: this is a Llama/Mistral-family "
-                                  f"model implementation ({', '.join(SUPPORTED_MODEL_TYPES)})")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{where}: unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
-        try:
-            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-                hf[key]  # the shape of the model: never guess it
-            names = [n for n in cls.__dataclass_fields__ if n not in ("rope", "model_type", "head_dim")]
-            kw = {n: hf[n] for n in names if n in hf}
-            if hf.get("num_key_value_heads") is None:
-                kw["num_key_value_heads"] = hf["num_attention_heads"]
-            cfg = cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type)  # the shape, checked first
-            cfg = replace(cfg, rope=RopeConfig.from_hf(hf, rope_scaling))
-            window = hf.get("sliding_window")
-            if window is not None and check_int("sliding_window", window) < hf.get("max_position_embeddings", 0):
-                print(f"warning: sliding_window={window} is ignored: attention here is full causal", file=sys.stderr)
-            return cfg
-        except KeyError as e:
-            raise CheckpointError(f"{where} is missing {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        """The config of a Hugging Face config.json dict, every value checked (hf_config.py); a bad one is
+        a CheckpointError naming `where` (the file) and the key."""
+        return config_from_hf(cls, hf, rope_scaling, where)
 
     def to_hf(self, dtype=torch.float32):
-        out = {"architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
-               "model_type": self.model_type, "hidden_act": "silu",
-               "torch_dtype": str(dtype).removeprefix("torch.")}
-        out.update({n: getattr(self, n) for n in self.__dataclass_fields__ if n not in ("rope", "model_type")})
-        out.update(self.rope.to_hf())  # rope_theta, rope_scaling, max_position_embeddings
-        return out
+        return config_to_hf(self, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -137,24 +91,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same results), faster for one row of input on a multi-core CPU: the
-    shape of every projection while decoding a token. A matrix-vector product runs on one core there
-    (~15 GB/s of weights); cut into row blocks as one batched product, each core streams its share
-    (~28 GB/s on 2 cores), and decoding is bound by reading the weights."""
-
-    def forward(self, x):
-        if (torch.compiler.is_compiling() or x.numel() != self.in_features or x.device.type != "cpu"
-                or x.dtype != torch.float32 or self.bias is not None or torch.is_grad_enabled()):
-            return F.linear(x, self.weight, self.bias)
-        n = torch.get_num_threads()
-        if n == 1 or self.out_features % n:
-            return F.linear(x, self.weight)
-        w = self.weight.view(n, -1, self.in_features)                                   # (n, N/n, C)
-        y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))           # (n, 1, N/n)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -166,15 +102,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(C, KV * D, bias=cfg.attention_bias)
         self.o_proj = Linear(H * D, C, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, cache=None, pos=0, filled=None):
+    def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, k, cos, sin)  # cos/sin carry YaRN's attention factor: logits scale by a^2
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v, filled)  # (B, KV, S, D): the prefix and these T
-        y = attention(q, k, v, filled)                                                 # (B, H, T, D)
+        mask = None
+        if cache is not None:  # (B, KV, S, D): the prefix and these T (mask: see KVCache.update)
+            k, v, mask = cache.update(self.layer, pos, k, v)
+        y = attention(q, k, v, mask)                                                   # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
@@ -225,57 +162,19 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.checkpointing = "none"  # one of CHECKPOINTING; only while gradients are recorded
 
-    def forward(self, x, cos, sin, cache=None, pos=0, filled=None):
+    def forward(self, x, cos, sin, cache=None, pos=0):
         # the checkpoint is inside forward, so that torch.compile of a block (and FSDP2's hooks around
         # it) sees it: compiled, the selective policy becomes part of the graph
         if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
-            return self._forward(x, cos, sin, cache, pos, filled)
+            return self._forward(x, cos, sin, cache, pos)
         if self.checkpointing == "full":
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
         policy = partial(create_selective_checkpoint_contexts, keep_attention)  # a partial made here: what dynamo takes
         return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
 
-    def _forward(self, x, cos, sin, cache=None, pos=0, filled=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, filled)
+    def _forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (h @ W^T) over chunks of rows, its gradient computed in the same pass:
-    d loss / d logits = softmax - onehot is known as soon as a chunk's logits are, so each chunk is
-    dropped at once. The (N, V) fp32 logits never exist, and unlike checkpointing the chunks, backward
-    recomputes nothing (one vocabulary projection and two log-softmax passes fewer per step)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, rows):  # h (N, C), weight (V, C), targets (N,) with -100 = skip
-        # every matmul in the compute dtype (bf16 under autocast: fp32 operands would run the dW product,
-        # as large as the vocabulary projection itself, at the fp32 rate); dW is summed over chunks in fp32
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        hc, wc = h.to(dtype), weight.to(dtype)
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.size(0), rows):
-            hs, ts = hc[s:s + rows], targets[s:s + rows]
-            logp = F.linear(hs, wc).float().log_softmax(-1)  # (rows, V)
-            total += F.nll_loss(logp, ts, ignore_index=-100, reduction="sum")
-            grad = logp.exp_()                                    # softmax ...
-            scored = (ts != -100).nonzero().squeeze(1)
-            grad[scored, ts[scored]] -= 1                         # ... minus the one-hot target
-            grad[ts == -100] = 0
-            grad = grad.to(dtype)
-            if dh is not None:
-                dh[s:s + rows] = grad @ wc                        # (rows, C)
-            if dw is not None:
-                dw += grad.t() @ hs                               # (V, C)
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):  # the loss was a plain sum: scale the gradients found in forward
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad_total.to(dh.dtype),
-                None if dw is None else dw * grad_total.to(dw.dtype), None, None)
 
 
 class Llama(nn.Module):
@@ -340,23 +239,27 @@ class Llama(nn.Module):
         evaluation). With `pos`: tokens at positions pos..pos+T-1 of the KV cache (generation).
         Returns logits (B, T, V) fp32 (last_only: (B, 1, V)), or the loss if targets (B, T) are given
         (-100 marks positions not to score; `reduction` "mean" or "sum")."""
-        B, T = idx.shape
-        if pos is None:  # dynamic methods scale for the sequence's own length
-            h = self._hidden(idx, 0, T)
+        if pos is None:
+            h = self._hidden(idx, 0)
         else:
-            h = self._hidden_cached(idx, pos)
+            self._write_tokens(idx, pos)
+            h = self._hidden(idx, pos, self.cache)
         if targets is not None:
             return self.chunked_loss(h, targets, reduction)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
 
-    def _hidden(self, idx, pos, rope_len, cache=None):
-        """The final normed hidden states (B, T, C) of tokens at positions pos.., under the RoPE tables of
-        a text `rope_len` long (dynamic methods), writing keys and values to `cache` if given."""
+    def _hidden(self, idx, pos, cache=None):
+        """The final normed hidden states (B, T, C) of tokens at positions pos.. (an int, or a (1,) tensor:
+        decode_step). Without a cache, dynamic methods scale for the sequence's own length; with one, the
+        keys and values go into it, under the RoPE tables it holds (those of the text it was scaled for)."""
         T = idx.size(1)
-        inv_freq, a = self.rope_tables(rope_len, idx.device)
-        positions = torch.arange(pos, pos + T, device=idx.device)
+        if cache is None:
+            inv_freq, a = self.rope_tables(T, idx.device)
+        else:
+            inv_freq, a = cache.inv_freq, cache.attention_factor
+        positions = pos + torch.arange(T, device=idx.device)
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
@@ -424,10 +327,6 @@ class Llama(nn.Module):
             n = math.ceil(n * growth)
         return min(n, max_len)
 
-    def _hidden_cached(self, idx, pos):
-        self._write_tokens(idx, pos)
-        return self._hidden(idx, pos, self.cache.rope_len, self.cache)
-
     def _write_tokens(self, idx, pos):
         """Record tokens pos.. in the cache; a dynamic method whose scale moves recomputes the prefix."""
         if self.cache is None:
@@ -441,21 +340,16 @@ class Llama(nn.Module):
             if need != self.cache.rope_len:
                 self._set_rope_len(need)
                 for s in range(0, pos, self.cache.chunk):  # recompute the prefix under the new scale
-                    self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, need, self.cache)
+                    self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, self.cache)
 
     def decode_step(self, idx, pos):
-        """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor.
-        Every shape is the same at every step: attention reads the whole preallocated cache with the
-        positions past pos masked out, the RoPE angle comes from buffers. So torch.compile captures it
-        once (with mode="reduce-overhead", one CUDA graph instead of hundreds of kernel launches, as in
-        gpt-fast). Call it through decode(), which keeps the cache's tokens and dynamic scale up to date."""
-        c = self.cache
-        cos, sin = rope_cos_sin(c.inv_freq, pos, c.attention_factor)  # (1, D/2)
-        filled = torch.arange(c.max_len, device=pos.device) <= pos      # (S,)
-        x = self.model.embed_tokens(idx)  # (B, 1, C)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, c, pos, filled)
-        return self.lm_head(self.model.norm(x)).float()
+        """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor: the
+        forward of generation, at a shape that is the same at every step (a tensor pos makes the KV cache
+        hand attention all of its positions, those past pos masked out; the RoPE state comes from its
+        buffers). So torch.compile captures it once (with mode="reduce-overhead", one CUDA graph instead
+        of hundreds of kernel launches, as in gpt-fast). Call it through decode(), which keeps the cache's
+        tokens and dynamic scale up to date."""
+        return self.lm_head(self._hidden(idx, pos, self.cache)).float()
 
     @torch.no_grad()
     def decode(self, idx, pos, step=None):
@@ -525,52 +419,22 @@ class Llama(nn.Module):
         return save(path, state, cfg.to_hf(dtype), max_shard_bytes, extra_files)
 
 
-# ---- attention, and its two CPU fast paths ----------------------------------------------------------
+# ---- attention ------------------------------------------------------------------------------------
 
-def attention(q, k, v, filled=None):
+def attention(q, k, v, mask=None):
     """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
-    (B, KV, S, D); with `filled` (S,), decode_step's single query against the whole preallocated cache,
-    attending only where filled. Each group of H/KV query heads reads one K/V head (no copies).
-    The fused kernel (flash on CUDA) does the work, except for two shapes that are faster otherwise on a
-    CPU: one query (decoding) and a chunk of queries after a cached prefix (prefill)."""
+    (B, KV, S, D); each group of H/KV query heads reads one K/V head (no copies). `mask` (S,): the cache
+    positions to attend to, when k and v are a whole preallocated cache (decode_step). The fused kernel
+    (flash on CUDA) does the work; one query over a cache, and on a CPU a prefill chunk after a cached
+    prefix, go to fastpaths.py, where they run faster."""
     T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
-    cpu = q.device.type == "cpu"
-    if filled is not None or (T == 1 and cpu):
-        return decode_attention(q, k, v, filled)
+    if mask is not None or (q.device.type == "cpu" and (T == 1 or S > T)):
+        return cache_attention(q, k, v, mask)
     if T == 1:      # one new token sees every cached one
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if S > T and cpu:
-        return chunk_attention(q, k, v)
     if S > T:       # a chunk after a prefix: causal, aligned to the bottom-right corner
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
-
-def decode_attention(q, k, v, filled=None):
-    """One new query per head against the whole cache, as two batched matmuls. The G = H/KV query
-    heads sharing a K/V head are G rows of one product, so each cached K/V is read once and never
-    copied. On CPU this is 1.3-1.5x faster than the flash kernel, built for long query blocks.
-    filled (S,): which cache positions to attend to (decode_step); None: all of k and v."""
-    B, H, _, D = q.shape
-    qg = q.view(B, k.size(1), H // k.size(1), D)                      # (B, KV, G, D)
-    att = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, KV, G, S), softmax in fp32
-    if filled is not None:
-        att = att.masked_fill(~filled, float("-inf"))
-    return (att.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)         # (B, KV, G, D) -> (B, H, 1, D)
-
-
-def chunk_attention(q, k, v, rows=512):
-    """A chunk of T queries after S - T cached positions, on CPU. There the bottom-right causal mask is
-    materialised, T x S floats, and the flash kernel skips no masked block. Taking the queries `rows`
-    at a time, each slice reads the keys up to its own last position only: the mask shrinks to rows x S,
-    and the work thrown away to a rows x rows triangle per slice (prefill: 1.1-1.4x faster)."""
-    pos, gqa = k.size(2) - q.size(2), q.size(1) != k.size(1)
-    y = torch.empty_like(q)  # (B, H, T, D)
-    for s in range(0, q.size(2), rows):
-        e = min(s + rows, q.size(2))
-        y[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :pos + e], v[:, :, :pos + e],
-                                                      attn_mask=causal_lower_right(e - s, pos + e), enable_gqa=gqa)
-    return y
 
 
 # ---- the KV cache -----------------------------------------------------------------------------------
@@ -580,7 +444,13 @@ class KVCache(nn.Module):
     keys (already rotated) and values of every layer for positions 0 .. max_len-1, allocated once; the
     token ids, to recompute the prefix when a dynamic scale moves; and the RoPE state they were computed
     under. An nn.Module for its buffers: torch.compile treats those as fixed addresses, as a CUDA graph
-    needs (gpt-fast does the same)."""
+    needs (gpt-fast does the same).
+
+    One forward path writes and reads it, at one of two shapes, chosen by the type of `pos` in update().
+    An int (prefill chunks, and eager decoding): attention reads only the pos + T positions written so
+    far, so a token costs what the text so far costs. A (1,) tensor (decode_step): attention reads all
+    max_len positions with those past pos masked out, the same shapes at every step, which is what lets
+    one CUDA graph replay each token; it costs a whole cache per token, so eager decoding keeps the first."""
 
     def __init__(self, cfg, batch_size, max_len, dtype, device, growth, chunk):
         super().__init__()
@@ -589,24 +459,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("tokens", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                              persistent=False)
-        # decode_step's RoPE state, rewritten in place when a dynamic scale moves (Llama._set_rope_len)
+        self.register_buffer("positions", torch.arange(max_len, device=device), persistent=False)
+        # the RoPE state of the cached keys, rewritten in place when a dynamic scale moves (Llama._set_rope_len)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2, device=device), persistent=False)
         self.register_buffer("attention_factor", torch.ones((), device=device), persistent=False)
         self.max_len, self.growth, self.chunk = max_len, growth, chunk
         self.rope_len = cfg.rope.original_max_position_embeddings  # the text length the RoPE scale is for
 
-    def update(self, layer, pos, k, v, filled=None):
-        """Store k, v (B, KV, T, D) of positions pos..pos+T-1; return the keys and values to attend to:
-        (B, KV, pos+T, D), only what is filled, or with `filled` (decode_step: pos a (1,) tensor, the
-        same operation at every step) the whole cache."""
-        if filled is not None:
+    def update(self, layer, pos, k, v):
+        """Store k, v (B, KV, T, D) of positions pos..pos+T-1; return (keys, values, mask) to attend to:
+        with an int pos, the (B, KV, pos+T, D) written so far and no mask; with a (1,) tensor pos (T = 1),
+        the whole cache and the (max_len,) mask of the positions up to pos."""
+        if isinstance(pos, torch.Tensor):
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
-            return self.k[layer], self.v[layer]
+            return self.k[layer], self.v[layer], self.positions <= pos
         end = pos + k.size(2)
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None
 
     def nbytes(self):
         return (self.k.numel() + self.v.numel()) * self.k.element_size()

@@ -66,7 +66,9 @@ def copy_file(src, dst):
 def new_dir(path):
     """`with new_dir(path) as tmp:` a new directory beside `path` to write into; when the block ends it
     is put in place of `path` (publish_dir). If the block raises, it is removed and `path` is untouched."""
-    tmp = stage_dir(temporary_name(path))
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
         yield tmp
         publish_dir(tmp, path)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Linear, Llama, LlamaConfig
+from fastpaths import Linear
+from model import Llama, LlamaConfig
 from rope import RopeConfig
 
 

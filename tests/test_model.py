@@ -32,8 +32,14 @@ def tiny(method="none", factor=1.0, tied=False, kv=2, vocab=97, layers=2, seed=0
 
 def logits_for_length(m, idx, rope_len):
     """m(idx) with dynamic methods scaled for a text rope_len long, not idx's own length: what a KV cache
-    whose scale was set for rope_len computes."""
-    return m.lm_head(m._hidden(idx, 0, rope_len)).float()
+    whose scale was set for rope_len computes. (A plain forward reads its tables for its own length from
+    m.rope_tables; here that one call is pointed at rope_len instead.)"""
+    tables = m.rope_tables
+    m.rope_tables = lambda length, device: tables(rope_len, device)
+    try:
+        return m(idx)
+    finally:
+        del m.rope_tables
 
 
 def same_state(a, b):

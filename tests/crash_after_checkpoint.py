@@ -1,6 +1,6 @@
 """
 train.py with a crash: rank 0 kills itself with SIGKILL right after saving the checkpoint of step N,
-for the resume tests of tests/test_train.py. Otherwise exactly train.py (run_and_exit included).
+for the resume tests of tests/test_train.py. Otherwise exactly train.py (distributed.run_and_exit included).
 
     torchrun --nproc_per_node 2 tests/crash_after_checkpoint.py 3 --init ... --save-every 3
 """
@@ -10,16 +10,18 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed  # noqa: E402
+import rundir  # noqa: E402
 import train  # noqa: E402
 
-crash_after, save_state = int(sys.argv[1]), train.save_state
+crash_after, save_state = int(sys.argv[1]), rundir.save_state
 
 
-def save_then_crash(model, optimizer, tc, step, rank, world, master):
-    save_state(model, optimizer, tc, step, rank, world, master)
-    if master and step == crash_after:
+def save_then_crash(model, optimizer, tc, step, env):
+    save_state(model, optimizer, tc, step, env)
+    if env.master and step == crash_after:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-train.save_state = save_then_crash
-train.run_and_exit(sys.argv[2:])
+rundir.save_state = save_then_crash
+distributed.run_and_exit(train.main, sys.argv[2:])

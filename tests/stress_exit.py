@@ -2,7 +2,7 @@
 Repeat the 2-process fine-tune of tests/test_train.py many times and count the runs that did not exit 0.
 
 A finished torchrun job used to die now and then at exit with SIGABRT ("terminate called without an
-active exception", issue #13; see train.run_and_exit for the cause). One run in a dozen or so failed, so
+active exception", issue #13; see distributed.run_and_exit for the cause). One run in a dozen or so failed, so
 a single test run proves nothing either way: this script is the proof, too slow for the suite (~7 s a run
 on 2 cores).
 

@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import sample  # noqa: E402
+import rundir  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
@@ -435,7 +436,7 @@ def test_full_disk_at_checkpoint_keeps_the_run_resumable(env, tmp_path, capsys, 
     import safetensors.torch
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
     err = one_line_exit_2("train", TRAIN(env, tmp_path, "--save-every", "1"), capsys, after_progress=True)
-    assert "cannot write a checkpoint" in err and not train.checkpoints(str(tmp_path / "out"))
+    assert "cannot write a checkpoint" in err and not rundir.checkpoints(str(tmp_path / "out"))
 
 
 def test_full_disk_while_preparing_leaves_no_meta_json(env, tmp_path, capsys, monkeypatch):

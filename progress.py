@@ -1,0 +1,123 @@
+"""
+What a training run says while it runs: one JSON line per step in out/metrics.jsonl (loss, lr, gradient
+norm, tokens/s, peak memory, MFU on CUDA), the progress bar, and the speed summary at the end; and the
+one check that needs the step's numbers: a loss or gradient norm that is not finite ends the run.
+
+    progress = Progress(tc, env, start, flops_per_token, peak)
+    t0 = progress.mark()
+    ...                                      # the step's kernels are queued
+    progress.step(step + 1, loss, norm, lr, t0)
+    log = progress.flush()                   # before evaluating or saving: every step so far is logged
+    progress.write(log)
+    progress.close()
+
+A step's numbers are read one step late, so that reading them (which waits for the GPU) waits only for
+work already done while the next step's kernels are queued: the GPU never runs dry.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import UserError
+from rundir import METRICS
+
+try:
+    import resource  # Unix only: peak memory on CPU
+except ImportError:
+    resource = None
+
+
+class Progress:
+    def __init__(self, tc, env, start, flops_per_token, peak):
+        self.out, self.env = tc.out, env
+        self.meter = StepMeter(tc.batch_size * tc.seq_len, env.device, env.world, flops_per_token, peak)
+        self.bar = tqdm(total=tc.steps, initial=start, disable=not env.master, unit="step", dynamic_ncols=True)
+        self.pending = None  # the last step's metrics, still device tensors
+
+    def mark(self):
+        return self.meter.mark()
+
+    def step(self, step, loss, norm, lr, t0):
+        """Step `step` is queued: log the one before it, and keep this one's tensors for later."""
+        marks = (t0, self.meter.mark())
+        if self.pending:
+            self.write(self.read(self.pending))
+        self.pending = dict(step=step, loss=loss, grad_norm=norm, lr=lr, marks=marks)
+
+    def flush(self):
+        """The last step's log line, read now (not yet written: an evaluation may add to it)."""
+        log, self.pending = self.read(self.pending), None
+        return log
+
+    def read(self, m):
+        """A step's numbers, read; a step that diverged ends the run (a checkpoint is only saved after its
+        step was read: never one with NaN weights)."""
+        log = self.meter.read(m)
+        if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):  # every rank sees the same values
+            self.bar.close()
+            raise UserError(f"step {log['step']}: loss {log['loss']}, gradient norm {log['grad_norm']}: training "
+                            f"diverged (lower --lr?); nothing exported, checkpoints in {self.out} are kept")
+        return log
+
+    def write(self, log):
+        if self.env.master:
+            with open(os.path.join(self.out, METRICS), "a") as f:
+                f.write(json.dumps(log) + "\n")
+            self.bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
+            self.bar.update()
+
+    def close(self):
+        self.bar.close()
+        if self.env.master and self.meter.steps:
+            print(self.meter.summary(), file=sys.stderr)
+
+
+class StepMeter:
+    """Times the steps and turns a step's device tensors into a log line (loss and gradient norm read in
+    one transfer, speed, memory), without making the host wait for the GPU: a step's time is measured on
+    the GPU itself, by CUDA events at its start and end (on a CPU, the clock). The first step of a
+    process (compilation, warm-up) is kept out of the summary's speed."""
+
+    def __init__(self, tokens_per_step, device, world, flops_per_token, peak_flops):
+        self.tokens, self.device, self.world = tokens_per_step, device, world
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.cuda = device.type == "cuda"
+        self.first, self.steps, self.seconds = None, 0, 0.0  # after the first step: how many, how long
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def read(self, m):
+        loss, norm = torch.stack([m["loss"].float(), m["grad_norm"].float().to(m["loss"].device)]).tolist()
+        start, end = m["marks"]
+        dt = start.elapsed_time(end) / 1000 if self.cuda else end - start
+        tokens_per_s = self.tokens / dt
+        log = {"step": m["step"], "loss": loss, "lr": m["lr"], "grad_norm": norm,
+               "tokens_per_s": round(tokens_per_s, 1), "time_s": round(dt, 4)}
+        if self.first is None:
+            self.first = log["first_step_s"] = round(dt, 4)  # compilation and warm-up included
+        else:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+        if self.cuda:
+            log["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            if self.peak:
+                log["mfu"] = round(tokens_per_s / self.world * self.flops_per_token / self.peak, 4)
+        elif resource:  # the whole process's peak resident memory, in KiB on Linux
+            log["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        return log
+
+    def summary(self):
+        tokens_per_s = self.tokens * self.steps / self.seconds
+        mfu = f", MFU {tokens_per_s / self.world * self.flops_per_token / self.peak:.1%}" if self.peak else ""
+        return (f"{tokens_per_s:.1f} tokens/s{mfu} over the last {self.steps} steps; the first step took "
+                f"{self.first:.2f}s (warm-up, and compilation with --compile)")

@@ -1,0 +1,244 @@
+"""
+train.py's flags, and every check of them against the checkpoint and the data, made before any
+process group or memory is set up: the guard in front of the recipe.
+
+    tc = parse_args(argv)                      # TrainConfig: one field per flag, `train.py --help` lists them
+    tc, mcfg, tok_files, dtype = check(tc, env)  # the defaults filled in, the model's config, or a UserError
+
+A value that would train silently wrong (a negative clip ascends the loss, lr inf exports NaN, batch 0
+trains nothing) is refused like one that would crash: one line, exit code 2 (common.one_line_errors).
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+import rundir
+from checkpoint import read_config
+from common import ArgumentParser, UserError, reading
+from data.prepare import PackedData, load_tokenizer, read_meta
+from model import CHECKPOINTING, Llama, LlamaConfig
+from publish import check_writable
+from rope import METHODS, RopeConfig
+
+SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def arg(default, help, type=None, choices=None):
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch'", str)
+    data: str = arg(None, "dataset directory written by data/prepare.py", str)
+    out: str = arg("out", "output directory: HF checkpoint, metrics.jsonl, checkpoints/")
+    # which RoPE method, over which original context L
+    yarn_scale: float = arg(None, "YaRN scale s, the same as --rope yarn --rope-factor s", float)
+    rope: str = arg(None, "RoPE method (default: the checkpoint's own)", str, METHODS)
+    rope_factor: float = arg(None, "scale s of --rope: the new context is s*L", float)
+    original_ctx: int = arg(None, "L, the checkpoint's original context (default: read from its config.json)", int)
+    seq_len: int = arg(None, f"training length, a multiple of {SEQ_MULTIPLE} (default s*L; shorter is fine)", int)
+    # the paper's recipe
+    steps: int = arg(400, "optimizer steps")
+    batch_size: int = arg(64, "global batch in sequences, reached by gradient accumulation")
+    micro_batch: int = arg(1, "sequences per forward pass on each process")
+    lr: float = arg(None, "peak learning rate (default 2e-5 to fine-tune, 1e-3 from scratch)", float)
+    lr_schedule: str = arg(None, "after warmup: constant (the paper's, fine-tuning default) or cosine "
+                                 "to 10%% (scratch default)", str, ("constant", "cosine"))
+    warmup: int = arg(20, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay (the paper uses none)")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
+    seed: int = arg(0, "seed of the data order and of a scratch model's weights")
+    # engine
+    device: str = arg("auto", "cuda (one GPU per process) or cpu; auto: cuda if there is one", str,
+                      ("auto", "cuda", "cpu"))
+    dtype: str = arg("auto", "compute dtype: auto is bf16 on CUDA, fp32 on CPU", str, ("auto", "bf16", "fp32"))
+    activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
+                                              "recompute all) or selective (input and attention outputs: "
+                                              "recompute the rest); default selective from seq-len 2048, "
+                                              "else none (model.py gives the memory estimate)", str, CHECKPOINTING)
+    compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "
+                               "left out of the reported speed)")
+    # checkpoints and logging
+    save_every: int = arg(100, "write a resumable checkpoint every N steps (0: never)")
+    resume: bool = arg(False, "continue from the last checkpoint in --out")
+    eval_every: int = arg(0, "validation loss every N steps (0: only at the end)")
+    eval_blocks: int = arg(8, "validation sequences per evaluation")
+    # --init scratch: the model's shape (the vocabulary is the tokenizer's)
+    tokenizer: str = arg(None, "scratch: tokenizer file or directory (default: the dataset's)", str)
+    n_layer: int = arg(6, "scratch: layers")
+    n_embd: int = arg(384, "scratch: model width C")
+    n_head: int = arg(6, "scratch: attention heads")
+    n_kv_head: int = arg(None, "scratch: key/value heads (default n_head; fewer is grouped-query attention)", int)
+    intermediate_size: int = arg(None, "scratch: SwiGLU width (default 8C/3 rounded up to 256)", int)
+    rope_theta: float = arg(10000.0, "scratch: RoPE base")
+
+
+def parse_args(argv, description=None):
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = ArgumentParser(description=description, formatter_class=Formatter)
+    for f in fields(TrainConfig):
+        kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def check(tc, env):
+    """Everything the user gave, before any process group or memory is set up. Returns the config with
+    its defaults filled in, the model config, the tokenizer files to ship, and the dtype of the output."""
+    if not tc.init or not tc.data:
+        raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
+    check_flags(tc)
+    check_writable(tc.out, "--out")
+    tc, mcfg, tok_files = resolve(tc, env.world)
+    rundir.check_out(tc)
+    if env.device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device")
+    # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
+    hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
+    return tc, mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+
+
+def check_flags(tc):
+    """Each flag's own range, before anything is read."""
+    def at_least(low, *names):
+        for name in names:
+            value = getattr(tc, name)
+            if value is not None and value < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+    def finite(name, low, above=False):
+        value = getattr(tc, name)
+        if value is not None and not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
+                            f"got {value}")
+
+    at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
+             "intermediate_size", "original_ctx")
+    at_least(0, "warmup", "save_every", "eval_every")
+    finite("yarn_scale", 1)
+    finite("rope_factor", 1)
+    finite("lr", 0, above=True)
+    finite("grad_clip", 0)
+    finite("weight_decay", 0)
+    finite("rope_theta", 1, above=True)
+    if tc.init == "scratch":
+        if tc.n_embd % tc.n_head or (tc.n_embd // tc.n_head) % 2:
+            raise UserError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
+        if tc.n_kv_head and tc.n_head % tc.n_kv_head:
+            raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
+    if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
+        raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+
+
+def resolve(tc, world):
+    """The defaults that depend on the checkpoint and the data, and what cannot work with them. Returns
+    the config with its defaults filled in, the model config and the tokenizer files to ship."""
+    if tc.yarn_scale is not None:
+        tc = replace(tc, rope="yarn", rope_factor=tc.yarn_scale)
+    if tc.rope not in (None, "none") and tc.rope_factor is None:
+        raise UserError(f"--rope {tc.rope} needs --rope-factor")
+    meta = reading(read_meta, tc.data)
+    if tc.init == "scratch":
+        mcfg, tok_files = scratch_model(tc, meta)
+    else:
+        mcfg, tok_files = pretrained_model(tc, meta)
+    json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
+    rope = mcfg.rope
+    tc = replace(tc, seq_len=tc.seq_len or int(rope.factor * rope.original_max_position_embeddings))
+    if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
+        raise UserError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
+    train = reading(PackedData, tc.data, "train")
+    if train.num_blocks(tc.seq_len) < 1:
+        raise UserError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
+    if tc.batch_size % (world * tc.micro_batch):
+        raise UserError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
+                        f"--micro-batch {tc.micro_batch}")
+    scratch = tc.init == "scratch"
+    tc = replace(tc, lr=tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5),
+                 lr_schedule=tc.lr_schedule or ("cosine" if scratch else "constant"),
+                 activation_checkpointing=tc.activation_checkpointing or
+                 ("selective" if tc.seq_len >= 2048 else "none"))
+    for file in tok_files:
+        check_side_file(file)
+    return tc, mcfg, tok_files
+
+
+def scratch_model(tc, meta):
+    """--init scratch: the model config of the --n-* flags over the dataset's tokenizer."""
+    tok = reading(load_tokenizer, tc.tokenizer or os.path.join(tc.data, meta["tokenizer"]))
+    if tok.vocab_size != meta["vocab_size"]:
+        raise UserError(f"tokenizer/data vocab mismatch: the tokenizer has {tok.vocab_size} tokens, "
+                        f"{tc.data} was tokenized with {meta['vocab_size']}")
+    L = tc.original_ctx or (tc.seq_len and int(tc.seq_len / (tc.rope_factor or 1)))
+    if not L:
+        raise UserError("--init scratch needs --seq-len (or --original-ctx)")
+    rope = RopeConfig(method=tc.rope or "none", theta=tc.rope_theta, head_dim=tc.n_embd // tc.n_head,
+                      factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
+    return scratch_config(tok, tc.n_layer, tc.n_embd, tc.n_head, tc.n_kv_head, tc.intermediate_size, rope), list(tok.files)
+
+
+def scratch_config(tok, n_layer, n_embd, n_head, n_kv_head=None, intermediate_size=None, rope=None):
+    """A small Llama for `tok`'s vocabulary: SwiGLU width 8C/3 rounded up to 256 unless given."""
+    return LlamaConfig(vocab_size=tok.vocab_size, hidden_size=n_embd, num_hidden_layers=n_layer,
+                       intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256),
+                       num_attention_heads=n_head, num_key_value_heads=n_kv_head or n_head,
+                       bos_token_id=tok.bos_id if tok.bos_id >= 0 else None,
+                       eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope or RopeConfig())
+
+
+def pretrained_model(tc, meta):
+    """--init CHECKPOINT: its config with the RoPE method of the flags, and its tokenizer files (or the
+    dataset's, for a checkpoint without one), each checked against the data's vocabulary."""
+    base = LlamaConfig.from_pretrained(tc.init)
+    Llama.check_checkpoint(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
+    L = tc.original_ctx or base.rope.original_max_position_embeddings
+    if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
+        rope = base.rope.replace(original_max_position_embeddings=L)
+    else:
+        rope = RopeConfig(method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
+                          factor=tc.rope_factor if tc.rope != "none" else 1.0, original_max_position_embeddings=L)
+    mcfg = replace(base, rope=rope)
+    tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
+    data_vocab = meta["vocab_size"]
+    try:
+        own = load_tokenizer(tc.init).vocab_size
+    except FileNotFoundError:  # a checkpoint without a tokenizer: ship the one the data was made with
+        own, tok_files = data_vocab, reading(load_tokenizer, os.path.join(tc.data, meta["tokenizer"])).files
+    except ValueError as e:  # one we cannot read
+        raise UserError(str(e)) from None
+    if own != data_vocab:
+        raise UserError(f"tokenizer/model vocab mismatch: {tc.data} was tokenized with {data_vocab} "
+                        f"tokens, the tokenizer of {tc.init} has {own}: prepare the data with it")
+    if data_vocab > mcfg.vocab_size:
+        raise UserError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
+                        f"the model's vocabulary is {mcfg.vocab_size}")
+    return mcfg, tok_files
+
+
+def check_side_file(file):
+    """A tokenizer file we copy into --out must be a file of its own directory. A symbolic link is
+    followed only inside that directory, or, for a Hugging Face hub cache snapshot
+    (.../snapshots/REV/tokenizer.model -> ../../blobs/HASH), into that repository's blobs/. Anything
+    else could make us copy a private file from elsewhere into the output."""
+    if not os.path.islink(file):
+        return
+    folder = os.path.realpath(os.path.dirname(file))
+    allowed = [folder]
+    if os.path.basename(os.path.dirname(folder)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(folder)), "blobs"))
+    target = os.path.realpath(file)
+    if not any(os.path.commonpath([target, root]) == root for root in allowed):
+        raise UserError(f"{file} is a symbolic link to {target}, outside its checkpoint: refusing to copy it "
+                        "(put the file itself there)")

@@ -15,7 +15,32 @@ import torch
 from checkpoint import CheckpointError
 from rope import RopeConfig, check_int, check_number
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# The families model.py runs, and what each changes in Llama's decoder. `defaults` are transformers'
+# own for keys a config.json leaves out (a missing key means what transformers would make of it).
+FAMILIES = {
+    "llama":   dict(architecture="LlamaForCausalLM", defaults=dict(rms_norm_eps=1e-6)),
+    "mistral": dict(architecture="MistralForCausalLM",  # Llama's decoder, with an optional sliding window
+                    defaults=dict(rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096)),
+    "qwen2":   dict(architecture="Qwen2ForCausalLM",  # biases on q, k, v (never on o)
+                    defaults=dict(rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None), qkv_bias=True),
+    "qwen3":   dict(architecture="Qwen3ForCausalLM",  # an RMSNorm over each head of q and k, before RoPE
+                    defaults=dict(rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, head_dim=128), qk_norm=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Families we refuse, and why: one line instead of weights that load into the wrong shapes, or logits that
+# are silently wrong.
+UNSUPPORTED = {
+    "gemma": "embeddings scaled by sqrt(hidden_size), RMSNorm as (1 + weight), a GeLU MLP",
+    "gemma2": "Gemma's embeddings and norms, plus logit soft-capping and extra norms around each block",
+    "gemma3": "Gemma's embeddings and norms, plus soft-capping, q/k norms and local/global attention layers",
+    "gemma3_text": "Gemma's embeddings and norms, plus soft-capping, q/k norms and local/global attention layers",
+    "phi3": "fused qkv_proj and gate_up_proj projections",
+    "qwen2_moe": "a mixture of experts (with a shared expert) in place of the MLP",
+    "qwen3_moe": "a mixture of experts in place of the MLP",
+    "mixtral": "a mixture of experts in place of the MLP",
+    "deepseek_v2": "multi-head latent attention (MLA) and a mixture of experts",
+    "deepseek_v3": "multi-head latent attention (MLA) and a mixture of experts",
+}
 
 
 def check_config(cfg):
@@ -30,7 +55,7 @@ def check_config(cfg):
         check_int("head_dim", cfg.head_dim)
     if not check_number("rms_norm_eps", cfg.rms_norm_eps) > 0:
         raise ValueError(f"rms_norm_eps must be > 0, got {cfg.rms_norm_eps}")
-    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("bos_token_id", "eos_token_id"):  # eos may list several ids (Llama 3.1 instruct)
@@ -46,21 +71,28 @@ def config_from_hf(cls, hf, rope_scaling=..., where="config.json"):
     """The `cls` (LlamaConfig) of a Hugging Face config.json dict. A bad value is a CheckpointError
     naming `where` (the file) and the key; rope_scaling overrides the file's (see rope.rope_from_hf)."""
     model_type = hf.get("model_type", "llama")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{where}: unsupported model_type {model_type!r}: this is a Llama/Mistral-family "
-                              f"model implementation ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type in UNSUPPORTED:
+        raise CheckpointError(f"{where}: unsupported model_type {model_type!r}: {UNSUPPORTED[model_type]}, which "
+                              f"model.py does not implement (it runs {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{where}: unsupported model_type {model_type!r}: this is a Llama-family model "
+                              f"implementation ({', '.join(SUPPORTED_MODEL_TYPES)})")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: unsupported hidden_act {hf['hidden_act']!r} (Llama uses silu)")
+    family = FAMILIES[model_type]
+    hf = {**family["defaults"], **hf}
     try:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             hf[key]  # the shape of the model: never guess it
-        names = [f.name for f in fields(cls) if f.name not in ("rope", "model_type", "head_dim")]
+        names = [f.name for f in fields(cls) if f.name not in ("rope", "model_type", "head_dim", "qkv_bias", "qk_norm")
+                 and not (model_type == "qwen2" and f.name in ("attention_bias", "mlp_bias"))]  # fixed in Qwen2
         kw = {n: hf[n] for n in names if n in hf}
         if hf.get("num_key_value_heads") is None:
             kw["num_key_value_heads"] = hf["num_attention_heads"]
-        cfg = cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type)  # the shape, checked first
+        cfg = cls(**kw, head_dim=hf.get("head_dim"), model_type=model_type,  # the shape, checked first
+                  qkv_bias=family.get("qkv_bias", False), qk_norm=family.get("qk_norm", False))
         cfg = replace(cfg, rope=RopeConfig.from_hf(hf, rope_scaling))
-        window = hf.get("sliding_window")
+        window = sliding_window(hf)
         if window is not None and check_int("sliding_window", window) < hf.get("max_position_embeddings", 0):
             print(f"warning: sliding_window={window} is ignored: attention here is full causal", file=sys.stderr)
         return cfg
@@ -70,10 +102,64 @@ def config_from_hf(cls, hf, rope_scaling=..., where="config.json"):
         raise CheckpointError(f"{where}: {e}") from None
 
 
+def sliding_window(hf):
+    """The attention window a config.json asks for, as transformers reads it: Qwen's only counts with
+    use_sliding_window (and then from layer max_window_layers on); None is full attention."""
+    if "use_sliding_window" in hf and hf["use_sliding_window"] is not True:
+        return None
+    return hf.get("sliding_window")
+
+
 def config_to_hf(cfg, dtype=torch.float32):
-    """The config.json dict of `cfg`, for weights stored in `dtype`."""
-    out = {"architectures": ["MistralForCausalLM" if cfg.model_type == "mistral" else "LlamaForCausalLM"],
-           "model_type": cfg.model_type, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch.")}
-    out.update({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("rope", "model_type")})
+    """The config.json dict of `cfg`, for weights stored in `dtype`. Attention here is full: the export
+    says so (sliding_window null), since Mistral's transformers class reads a missing key as a 4096 window."""
+    out = {"architectures": [FAMILIES[cfg.model_type]["architecture"]], "model_type": cfg.model_type,
+           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch.")}
+    skip = ("rope", "model_type", "qkv_bias", "qk_norm") + (("attention_bias", "mlp_bias") if cfg.model_type == "qwen2" else ())
+    out.update({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip})
+    if cfg.model_type != "llama":
+        out["sliding_window"] = None
+    if cfg.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = False
     out.update(cfg.rope.to_hf())  # rope_theta, rope_scaling, max_position_embeddings
     return out
+
+
+# ---- L, the context a new RoPE method scales from ---------------------------------------------------------
+
+# Checkpoints whose max_position_embeddings is not the context they were pretrained at (their model cards
+# say so), and the model card's L.
+KNOWN_CONTEXTS = [
+    (lambda hf: hf.get("model_type") == "qwen3" and hf.get("max_position_embeddings") == 40960, 32768,
+     "Qwen3 was pretrained at 32768 tokens (its config's 40960 leaves room for 8192 generated ones)"),
+    (lambda hf: hf.get("model_type") == "mistral" and hf.get("sliding_window") == 4096
+     and hf.get("max_position_embeddings") == 32768, 8192,
+     "Mistral 7B v0.1 was trained at 8192 tokens (with a 4096-token window; its config says 32768)"),
+]
+
+
+def pretraining_context(hf, rope):
+    """(L, note) for a checkpoint (config.json dict `hf`, its RopeConfig `rope`) whose RoPE a new method is
+    to replace: L is the context it was pretrained at. A config whose RoPE is scaled says L itself
+    (original_max_position_embeddings) and the note is None; otherwise the note is the one line that says
+    which L is taken and why: a model card's, or max_position_embeddings for want of any other."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if rope.method != "none" or "original_max_position_embeddings" in hf or \
+            (isinstance(scaling, dict) and "original_max_position_embeddings" in scaling):
+        return rope.original_max_position_embeddings, None
+    mpe = rope.original_max_position_embeddings  # rope_from_hf's L for plain RoPE: max_position_embeddings
+    for match, L, why in KNOWN_CONTEXTS:
+        if match(hf):
+            return L, f"note: L = {L}: {why}; --original-ctx overrides"
+    return mpe, (f"note: L = {mpe}, the max_position_embeddings of config.json, which names no other pretraining "
+                 "context; --original-ctx overrides")
+
+
+def replaced_scaling_note(old, new):
+    """One line when a checkpoint that is already RoPE-scaled (Llama 3.1's llama3, a YaRN model) is given
+    another method: config.json holds one, so the new one takes the old one's place over the same L."""
+    if old.method == "none" or new.method in ("none", old.method):
+        return None
+    return (f"note: {new.method} s={new.factor:g} over L={new.original_max_position_embeddings} replaces this "
+            f"checkpoint's {old.method} s={old.factor:g} (config.json holds one method): the new frequencies reach "
+            f"{int(new.factor * new.original_max_position_embeddings)} tokens, and the fine-tune adapts the model to them")

@@ -1,5 +1,6 @@
 """
-A Llama (and Mistral-family) decoder in one file, that loads and saves Hugging Face checkpoints.
+A Llama-family decoder in one file (Llama 2 and 3, Mistral, Qwen2/2.5, Qwen3), that loads and saves Hugging
+Face checkpoints.
 
     from model import Llama
     model = Llama.from_pretrained("path/to/Llama-2-7b-hf", dtype=torch.bfloat16, device="cuda",
@@ -46,8 +47,10 @@ class LlamaConfig:
     head_dim: int | None = None        # D; defaults to C // H
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False       # biases on q, k, v and o
     mlp_bias: bool = False
+    qkv_bias: bool = False             # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False              # an RMSNorm over each head of q and k, before RoPE (Qwen3)
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     model_type: str = "llama"
@@ -97,16 +100,23 @@ class Attention(nn.Module):
         H, KV, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.n_head, self.n_kv_head, self.head_dim = H, KV, D
         self.layer = layer  # which layer of the KV cache is ours
-        self.q_proj = Linear(C, H * D, bias=cfg.attention_bias)
-        self.k_proj = Linear(C, KV * D, bias=cfg.attention_bias)
-        self.v_proj = Linear(C, KV * D, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = Linear(C, H * D, bias=qkv_bias)
+        self.k_proj = Linear(C, KV * D, bias=qkv_bias)
+        self.v_proj = Linear(C, KV * D, bias=qkv_bias)
         self.o_proj = Linear(H * D, C, bias=cfg.attention_bias)
+        # Qwen3: each head of q and k normalised (one weight of D shared by all heads) before RoPE
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, KV, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or KV, T, D)
         q, k = apply_rope(q, k, cos, sin)  # cos/sin carry YaRN's attention factor: logits scale by a^2
         mask = None
         if cache is not None:  # (B, KV, S, D): the prefix and these T (mask: see KVCache.update)

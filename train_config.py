@@ -19,8 +19,9 @@ import torch
 
 import rundir
 from checkpoint import read_config
-from common import ArgumentParser, UserError, reading
+from common import ArgumentParser, UserError, print0, reading
 from data.prepare import PackedData, load_tokenizer, read_meta
+from hf_config import pretraining_context, replaced_scaling_note
 from model import CHECKPOINTING, Llama, LlamaConfig
 from publish import check_writable
 from rope import METHODS, RopeConfig
@@ -203,12 +204,16 @@ def pretrained_model(tc, meta):
     dataset's, for a checkpoint without one), each checked against the data's vocabulary."""
     base = LlamaConfig.from_pretrained(tc.init)
     Llama.check_checkpoint(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
-    L = tc.original_ctx or base.rope.original_max_position_embeddings
     if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
-        rope = base.rope.replace(original_max_position_embeddings=L)
-    else:
+        rope = base.rope.replace(original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
+    else:  # a new method scales from the context the model was pretrained at: said in one line unless config.json says it
+        L, note = pretraining_context(read_config(tc.init), base.rope)
         rope = RopeConfig(method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
-                          factor=tc.rope_factor if tc.rope != "none" else 1.0, original_max_position_embeddings=L)
+                          factor=tc.rope_factor if tc.rope != "none" else 1.0,
+                          original_max_position_embeddings=tc.original_ctx or L)
+        for line in (None if tc.original_ctx else note, replaced_scaling_note(base.rope, rope)):
+            if line:
+                print0(line)
     mcfg = replace(base, rope=rope)
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
     data_vocab = meta["vocab_size"]

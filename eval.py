@@ -115,14 +115,15 @@ def perplexity(model, tokens, length, stride=None):
 def load_documents(data, model_dir):
     """([(name, 1-D array of token ids, BOS first if there is one)], vocabulary size) from --data."""
     if len(data) == 1 and data[0].endswith(".bin"):
-        from data.prepare import PackedData
+        from data.packed import PackedData
         if not os.path.isfile(data[0]):
             raise FileNotFoundError(f"--data {data[0]} not found")
         folder, split = os.path.split(data[0])
         packed = PackedData(folder or ".", split.removesuffix(".bin"))
         bos = np.array([packed.bos_id] if packed.bos_id >= 0 else [], dtype=packed.tokens.dtype)
         return [(name, np.concatenate([bos, ids])) for name, ids in packed.documents()], packed.meta["vocab_size"]
-    from data.prepare import find_documents, load_tokenizer
+    from data.packed import find_documents
+    from data.tokenizer import load_tokenizer
     try:
         tok = load_tokenizer(model_dir)
     except FileNotFoundError as e:
@@ -501,7 +502,7 @@ def read_documents(args, cfg):
 
 def read_tokenizer(args, cfg):
     """passkey's tokenizer, checked on the shortest prompt."""
-    from data.prepare import load_tokenizer
+    from data.tokenizer import load_tokenizer
     tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
     try:
         ids = passkey_prompt(tok, args.lengths[0], 0.5, 12345)

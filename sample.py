@@ -319,7 +319,7 @@ def main(argv=None):
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
-        from data.prepare import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
+        from data.tokenizer import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
         tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
         ids = read_prompt(args, tok, cfg, ctx)
         check_memory(cfg, ctx, dtype, device)

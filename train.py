@@ -49,7 +49,8 @@ try:
 except ImportError:
     resource = None
 
-from data.prepare import PackedData, load_tokenizer, read_meta
+from data.packed import PackedData, read_meta
+from data.tokenizer import load_tokenizer
 from common import ArgumentParser, UserError, one_line_errors, reading
 from checkpoint import CHECKPOINT_FILE, CheckpointError, read_config, read_tensors
 from publish import check_writable, write_json

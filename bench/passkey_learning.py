@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.passkey import passkey_document  # noqa: E402
-from data.prepare import PackedData, load_tokenizer  # noqa: E402
+from data.packed import PackedData  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 from eval import passkey_accuracy  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402

@@ -21,7 +21,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
-from data.prepare import load_tokenizer, prepare, train_tokenizer  # noqa: E402
+from data.packed import prepare  # noqa: E402
+from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 from common import UserError, rope_config  # noqa: E402

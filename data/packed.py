@@ -15,22 +15,21 @@ A prepared directory holds:
                          "train": {"tokens", "docs": [[start, end], ...], "names"}, "val": {...}}
                         docs are token offsets into that split's .bin, end exclusive, EOS included.
 
-What guards it: meta.json is written last and every file goes through a temporary name, so a folder with
-a meta.json is always complete; read_meta checks every value of meta.json and PackedData checks the .bin
-files against it, each failure a ValueError naming the file (commands turn it into one line).
+What guards it: meta.json is written last and every file goes through a temporary name (publish.new_file),
+so a folder with a meta.json is always complete; read_meta checks every value of meta.json and PackedData
+checks the .bin files against it, each failure a ValueError naming the file (commands make it one line).
 """
 
 import json
 import os
 import random
-import shutil
-from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
 
 from common import UserError
 from data.tokenizer import load_tokenizer, train_tokenizer
+from publish import copy_file, new_file
 
 
 # -----------------------------------------------------------------------------
@@ -109,19 +108,10 @@ def split_documents(docs, val_fraction, seed):
 # Writing
 
 
-@contextmanager
-def atomic_write(path):
-    """Write to path.tmp, then rename: a crash never leaves a half file under the real name."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        yield f
-    os.replace(tmp, path)
-
-
 def write_split(docs, tok, path, dtype, desc):
     """Tokenize docs one at a time, EOS after each, appended to one flat .bin file."""
     starts_ends, names, n = [], [], 0
-    with atomic_write(path) as f:
+    with new_file(path, "wb") as f:  # a temporary name until the last document is in
         for name, load in tqdm(docs, desc=desc, unit="doc", disable=None):  # disable=None: no bar when not a terminal
             ids = tok.encode(load()) + [tok.eos_id]
             np.asarray(ids, dtype=dtype).tofile(f)
@@ -146,15 +136,14 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
         os.remove(os.path.join(out, "meta.json"))
     # 3) the tokenizer file(s) into out, so the folder stands alone
     if tokenizer is None:
-        with atomic_write(os.path.join(out, "tokenizer.model")) as f:
+        with new_file(os.path.join(out, "tokenizer.model"), "wb") as f:
             f.write(model)
         tok = load_tokenizer(os.path.join(out, "tokenizer.model"))
     else:
         for src in tok.files:
             dst = os.path.join(out, os.path.basename(src))
             if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-                with open(src, "rb") as fsrc, atomic_write(dst) as fdst:
-                    shutil.copyfileobj(fsrc, fdst)
+                copy_file(src, dst)
     # 4) the two splits, then meta.json last
     dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
     meta = {
@@ -166,8 +155,8 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
         "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train"),
         "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val"),
     }
-    with atomic_write(os.path.join(out, "meta.json")) as f:
-        f.write(json.dumps(meta).encode())
+    with new_file(os.path.join(out, "meta.json")) as f:
+        f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
     return meta
 
 

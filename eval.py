@@ -44,15 +44,14 @@ or --plot FILE) when matplotlib is installed: perplexity against length, one lin
 accuracy as a length x depth heatmap.
 
 What this file teaches: the paper's two measurements, perplexity by context length and passkey
-retrieval, and comparing RoPE methods on one checkpoint by swapping only its tables.
+retrieval (the task itself is data/passkey.py's), and comparing RoPE methods on one checkpoint by
+swapping only its tables.
 """
 
 import argparse
 import json
 import math
 import os
-import random
-import re
 import textwrap
 import time
 from dataclasses import asdict
@@ -64,16 +63,8 @@ from tqdm import tqdm
 from publish import check_writable, write_json
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
                     pick_device, pick_dtype, reading, rope_config)
-from generation import generate
+from data import passkey
 from model import Llama, LlamaConfig
-
-# the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-PASSKEY_NEW_TOKENS = 8  # enough for " 12345" in digit tokens, and a little more
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------
@@ -151,65 +142,6 @@ def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=No
             note(f"{desc} @ {length}: perplexity {ppl:.3f} over {len(usable)} documents, "
                  f"{seconds / len(usable):.2f} s per document")
     return out
-
-
-# ---- passkey retrieval --------------------------------------------------------------------------------
-
-def passkey_text(n_filler, depth, key):
-    """The five lines of the reference prompt: task, filler, key line, filler, question. As in the
-    reference, an empty filler is an empty line (depth 0 or 1)."""
-    before = round(depth * n_filler)
-    lines = [TASK, " ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)),
-             QUESTION]
-    return "\n".join(lines)
-
-
-def passkey_prompt(tokenizer, length, depth, key):
-    """Token ids (BOS first if any) of the passkey prompt with as many filler sentences as fit in
-    `length` tokens (never more), the key line after a fraction `depth` of them."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-
-    def ids(n):
-        return bos + tokenizer.encode(passkey_text(n, depth, key))
-
-    base, per = len(ids(0)), len(ids(2)) - len(ids(1))  # tokens without filler, and per filler sentence
-    if base > length:
-        raise ValueError(f"passkey length {length} is too short: the task line, key line and question alone take "
-                         f"{base} tokens")
-    n = (length - base) // max(per, 1)  # a near guess: tokenization is almost additive
-    while n > 0 and len(ids(n)) > length:
-        n -= 1
-    while len(ids(n + 1)) <= length:
-        n += 1
-    return ids(n)
-
-
-def first_integer(text):
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
-
-
-def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
-    """{length: {depth: fraction correct}} over `trials` random keys each, greedy decoding."""
-    rng = random.Random(seed)
-    if model.cache is None or model.cache.max_len < max(lengths) + PASSKEY_NEW_TOKENS:
-        model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
-    results = {}
-    with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="prompt", leave=False,
-              disable=None) as bar:
-        for length in lengths:
-            results[length] = {}
-            for depth in depths:
-                correct = 0
-                for _ in range(trials):
-                    key = 2 * rng.randint(5000, 49999) + 1  # odd: data/passkey.py trains on even keys only
-                    new, _ = generate(model, passkey_prompt(tokenizer, length, depth, key), PASSKEY_NEW_TOKENS,
-                                      temperature=0.0, eos_id=tokenizer.eos_id)
-                    correct += first_integer(tokenizer.decode(new)) == key
-                    bar.update()
-                results[length][depth] = correct / trials
-    model.cache = None
-    return results
 
 
 # ---- output: tables and plots -------------------------------------------------------------------------
@@ -505,7 +437,7 @@ def read_tokenizer(args, cfg):
     from data.tokenizer import load_tokenizer
     tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
     try:
-        ids = passkey_prompt(tok, args.lengths[0], 0.5, 12345)
+        ids = passkey.passkey_prompt(tok, args.lengths[0], 0.5, 12345)
     except ValueError as e:
         raise UserError(str(e)) from None
     if max(ids) >= cfg.vocab_size:
@@ -522,13 +454,13 @@ def run(args, model, ropes, labels, inputs, device):
             r = evaluate_ppl(model, inputs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
             results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
             continue
-        need = max(lengths) + PASSKEY_NEW_TOKENS
+        need = max(lengths) + passkey.PASSKEY_NEW_TOKENS
         try:
             model.setup_cache(1, need)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
             raise UserError(f"cannot allocate the KV cache for {need} tokens on {device}: "
                             f"{str(e).splitlines()[0]}") from None
-        acc = passkey_accuracy(model, inputs, lengths, args.depths, args.trials, args.seed)
+        acc = passkey.passkey_accuracy(model, inputs, lengths, args.depths, args.trials, args.seed)
         results.append({"method": label, "rope": asdict(rope),
                         "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
                         "mean": float(np.mean([a for row in acc.values() for a in row.values()]))})

@@ -1,8 +1,9 @@
 """
-Tests of eval.py and data/passkey.py: perplexity equal to transformers' on the same weights and tokens
-(whole documents and strided windows, for several RoPE methods), the strided windows' token accounting,
-the passkey prompt, passkey accuracy of a model built to copy (100%) and of a random one (about 0), and
-the command line (tables, JSON, plots, one-line errors). Tiny random models, about a minute.
+Tests of eval.py, data/passkey.py and report.py: perplexity equal to transformers' on the same weights
+and tokens (whole documents and strided windows, for several RoPE methods), the strided windows' token
+accounting, the passkey prompt, passkey accuracy of a model built to copy (100%) and of a random one
+(about 0), and the command line (tables, JSON, plots, reports, one-line errors). Tiny random models,
+about a minute.
 
     python -m pytest tests/test_eval.py -q
 """
@@ -25,6 +26,7 @@ from data import passkey  # noqa: E402
 from data.packed import prepare  # noqa: E402
 from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
+import report  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 from common import UserError, rope_config  # noqa: E402
 
@@ -338,7 +340,7 @@ def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
         ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--label", label, "--rope", rope, "--data", str(texts),
                  "--lengths", lengths, "--json", str(tmp_path / f"{label}.json")])
     capsys.readouterr()
-    merged = ev.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
+    merged = report.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
     table = (tmp_path / "all.md").read_text()
     base, tuned = (json.loads((tmp_path / f"{x}.json").read_text())["results"][0] for x in ("base", "tuned"))
     assert [r["method"] for r in merged] == ["base, none (L=64)", "tuned, yarn s=4 (L=64)"]
@@ -372,7 +374,7 @@ def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
     assert keys[0] == 12345 and len(keys) == 11  # a first prompt checks the length, then 2 x 5 trials
     assert all(k % 2 == 1 and 10000 < k < 100000 for k in keys[1:]), keys
     capsys.readouterr()
-    merged = ev.report([str(tmp_path / "pk.json"), str(tmp_path / "pk2.json")], str(tmp_path / "pk.md"))
+    merged = report.report([str(tmp_path / "pk.json"), str(tmp_path / "pk2.json")], str(tmp_path / "pk.md"))
     table = (tmp_path / "pk.md").read_text()
     assert len(merged) == 3 and "| method \\ length | 256 | 320 |" in table
     first = res["results"][0]
@@ -381,7 +383,7 @@ def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
     ppl_run = {"task": "ppl", "lengths": [256], "results": [{"method": "x", "ppl": {"256": {"ppl": 2.0, "tokens": 9}}}]}
     (tmp_path / "ppl.json").write_text(json.dumps(ppl_run))
     with pytest.raises(UserError, match="not the output of eval.py passkey"):  # a passkey run and a ppl run do not make one table
-        ev.report([str(tmp_path / "pk.json"), str(tmp_path / "ppl.json")])
+        report.report([str(tmp_path / "pk.json"), str(tmp_path / "ppl.json")])
 
 
 def _has_matplotlib():

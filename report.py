@@ -21,7 +21,7 @@ import textwrap
 import numpy as np
 
 from common import UserError, note
-from publish import check_writable, write_json
+from publish import check_writable, new_file, write_json
 
 
 def write_run(run, json_path=None, plot_path=None):
@@ -44,7 +44,6 @@ def write_run(run, json_path=None, plot_path=None):
             rows = [[n] + [f"{r['accuracy'][str(n)][str(d)]:.0%}" for d in run["depths"]] for n in lengths]
             print(markdown_table(["length \\ depth"] + [f"{d:g}" for d in run["depths"]], rows) + "\n")
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         write_json(json_path, run)
         note(f"wrote {json_path}")
     plot = plot_path or (os.path.splitext(json_path)[0] + ".png" if json_path else None)
@@ -61,11 +60,8 @@ def markdown_table(header, rows):
 
 def plot_ppl(results, lengths, path):
     """Perplexity against context length, one line per method. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -79,18 +75,14 @@ def plot_ppl(results, lengths, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 
 def plot_passkey(results, lengths, depths, path):
     """Accuracy heatmaps, lengths x depths, one panel per method. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(1.2 + 0.9 * len(depths) * len(results), 1 + 0.5 * len(lengths)),
                              squeeze=False)
@@ -106,9 +98,26 @@ def plot_passkey(results, lengths, depths, path):
         ax.set_ylabel("context length")
         ax.set_title(textwrap.fill(r["method"], 28), fontsize=9)  # a long label wraps, never overflows its panel
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files only (no display needed), or None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    """The figure in the format its file extension names (PNG without one), written through publish.new_file."""
+    with new_file(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:] or None, dpi=120)
+    plt.close(fig)
 
 
 def report(files, out=None):
@@ -170,8 +179,7 @@ def passkey_report(runs, out):
 
 def write_report(out, table, plot):
     """The markdown table in `out`, and plot(PNG path) beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
+    with new_file(out) as fh:
         fh.write(table + "\n")
     png = os.path.splitext(out)[0] + ".png"
     note(f"wrote {out}" + (f" and {png}" if plot(png) else " (no matplotlib: no plot)"))

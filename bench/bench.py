@@ -60,6 +60,7 @@ sys.path.insert(0, ROOT)
 from common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
 from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402
 from plan import PEAK_BF16_FLOPS  # noqa: E402
+from publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 # The models: "135m" has the shape of SmolLM-135M (a small real Llama-family model), with YaRN x8
@@ -637,12 +638,11 @@ def run(argv):
     summary = [summarise(size, w, runs, peak, bytes_per_el) for size, w, runs in rows]
     info.update(loadavg_end=os.getloadavg()[0], seconds=round(time.time() - t0))
     print("\n" + table(summary))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with new_file(out) as f:
         json.dump(dict(machine=info, config=asdict(cfg), peak=dict(peak, runs=peaks), checks=checks,
                        models={s: dict(SIZES[s], rope=ROPES.get(s, ROPE), params=num_params(s)) for s in sizes},
                        results=summary), f, indent=1)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    with new_file(os.path.splitext(out)[0] + ".md") as f:
         f.write(table(summary, markdown=True) + "\n")
     log(f"wrote {out} and its .md table")
     return 1 if any("errors" in r for r in summary) else 0

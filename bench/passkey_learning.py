@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.passkey import passkey_accuracy, passkey_document  # noqa: E402
 from data.packed import PackedData  # noqa: E402
+from data.passkey import passkey_accuracy, passkey_document  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
+from publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main(argv=None):
             print(f"| {step} | {row['tokens'] / 1e6:.2f}M | {row['loss']:.3f} | {repeat:.0%} | {first:.0%} | "
                   f"{answer:.0%} | {row['eval_at_L']:.0%} | {row['seconds']:.0f} |", flush=True)
     if a.json:
-        with open(a.json, "w") as f:
+        with new_file(a.json) as f:
             json.dump({"args": vars(a), "log": log}, f, indent=1)
 
 

@@ -10,7 +10,8 @@ retrieves a key hidden deep in its context: the prompt, the keys, the accuracy, 
 The prompt is five lines: the task, filler ("The grass is green. ..." repeated), the key line, more filler,
 and the question; the key line sits after a fraction `depth` of the filler sentences, and as many sentences
 as fit make the prompt. Decoding is greedy, and an answer is correct when its first integer is the key.
-`eval.py passkey` runs it on a checkpoint.
+`eval.py passkey` runs it on a checkpoint. What guards it: passkey_prompt refuses a length too short for
+the prompt's fixed lines (a ValueError), and passkey_key keeps evaluation and training keys apart.
 
 Training documents, to mix into a small model's pretraining so that it learns the task within its own
 context L before any extension: the YaRN paper's Llama 2 already could, our 2.4M-parameter Shakespeare

@@ -111,7 +111,7 @@ step "passkey: the YaRN-tuned model" "$out/results/passkey-yarn.json" \
 play=$(ls "$out/data/heldout/"*.txt | head -n 1)
 prompt="$out/results/prompt.txt"
 if [ "$PROMPT_CHARS" -gt 0 ]; then head -c "$PROMPT_CHARS" "$play" > "$prompt"; else cp "$play" "$prompt"; fi
-ctx=$("$PYTHON" -c "import sys; from data.prepare import load_tokenizer; print(len(load_tokenizer(sys.argv[1]).encode(open(sys.argv[2]).read())) + 300)" "$out/yarn" "$prompt")
+ctx=$("$PYTHON" -c "import sys; from data.tokenizer import load_tokenizer; print(len(load_tokenizer(sys.argv[1]).encode(open(sys.argv[2]).read())) + 300)" "$out/yarn" "$prompt")
 step "sample from the YaRN model after $(basename "$play" .txt)" "$out/results/sample.txt" \
   sh -c "\"$PYTHON\" sample.py --model \"$out/yarn\" --ctx $ctx --prompt-file \"$prompt\" --max-new-tokens 200 --seed 0 | tee \"$out/results/sample.txt.tmp\" && mv \"$out/results/sample.txt.tmp\" \"$out/results/sample.txt\""
 

@@ -39,21 +39,18 @@ the pass key? The pass key is". The key line sits after a fraction `depth` of th
 tokens. Keys are random 5-digit numbers; greedy decoding; correct when the first integer of the answer
 is the key.
 
-Output: a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT with .png,
-or --plot FILE) when matplotlib is installed: perplexity against length, one line per method; passkey
-accuracy as a length x depth heatmap.
+Output (report.py): a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT
+with .png, or --plot FILE) when matplotlib is installed: perplexity against length, one line per method;
+passkey accuracy as a length x depth heatmap.
 
 What this file teaches: the paper's two measurements, perplexity by context length and passkey
-retrieval, and comparing RoPE methods on one checkpoint by swapping only its tables.
+retrieval (the task itself is data/passkey.py's), and comparing RoPE methods on one checkpoint by
+swapping only its tables.
 """
 
 import argparse
-import json
 import math
 import os
-import random
-import re
-import textwrap
 import time
 from dataclasses import asdict
 
@@ -61,19 +58,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from publish import check_writable, write_json
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
                     pick_device, pick_dtype, reading, rope_config)
+from data import passkey
 from model import Llama, LlamaConfig
-from sample import generate
-
-# the passkey prompt of Mohtashami & Jaggi (2023), character for character as the YaRN paper uses it
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-PASSKEY_NEW_TOKENS = 8  # enough for " 12345" in digit tokens, and a little more
+import report
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------
@@ -115,14 +104,15 @@ def perplexity(model, tokens, length, stride=None):
 def load_documents(data, model_dir):
     """([(name, 1-D array of token ids, BOS first if there is one)], vocabulary size) from --data."""
     if len(data) == 1 and data[0].endswith(".bin"):
-        from data.prepare import PackedData
+        from data.packed import PackedData
         if not os.path.isfile(data[0]):
             raise FileNotFoundError(f"--data {data[0]} not found")
         folder, split = os.path.split(data[0])
         packed = PackedData(folder or ".", split.removesuffix(".bin"))
         bos = np.array([packed.bos_id] if packed.bos_id >= 0 else [], dtype=packed.tokens.dtype)
         return [(name, np.concatenate([bos, ids])) for name, ids in packed.documents()], packed.meta["vocab_size"]
-    from data.prepare import find_documents, load_tokenizer
+    from data.packed import find_documents
+    from data.tokenizer import load_tokenizer
     try:
         tok = load_tokenizer(model_dir)
     except FileNotFoundError as e:
@@ -152,230 +142,7 @@ def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=No
     return out
 
 
-# ---- passkey retrieval --------------------------------------------------------------------------------
-
-def passkey_text(n_filler, depth, key):
-    """The five lines of the reference prompt: task, filler, key line, filler, question. As in the
-    reference, an empty filler is an empty line (depth 0 or 1)."""
-    before = round(depth * n_filler)
-    lines = [TASK, " ".join([FILLER] * before), KEY_LINE.format(key=key), " ".join([FILLER] * (n_filler - before)),
-             QUESTION]
-    return "\n".join(lines)
-
-
-def passkey_prompt(tokenizer, length, depth, key):
-    """Token ids (BOS first if any) of the passkey prompt with as many filler sentences as fit in
-    `length` tokens (never more), the key line after a fraction `depth` of them."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-
-    def ids(n):
-        return bos + tokenizer.encode(passkey_text(n, depth, key))
-
-    base, per = len(ids(0)), len(ids(2)) - len(ids(1))  # tokens without filler, and per filler sentence
-    if base > length:
-        raise ValueError(f"passkey length {length} is too short: the task line, key line and question alone take "
-                         f"{base} tokens")
-    n = (length - base) // max(per, 1)  # a near guess: tokenization is almost additive
-    while n > 0 and len(ids(n)) > length:
-        n -= 1
-    while len(ids(n + 1)) <= length:
-        n += 1
-    return ids(n)
-
-
-def first_integer(text):
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
-
-
-def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
-    """{length: {depth: fraction correct}} over `trials` random keys each, greedy decoding."""
-    rng = random.Random(seed)
-    if model.cache is None or model.cache.max_len < max(lengths) + PASSKEY_NEW_TOKENS:
-        model.setup_cache(1, max(lengths) + PASSKEY_NEW_TOKENS)
-    results = {}
-    with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="prompt", leave=False,
-              disable=None) as bar:
-        for length in lengths:
-            results[length] = {}
-            for depth in depths:
-                correct = 0
-                for _ in range(trials):
-                    key = 2 * rng.randint(5000, 49999) + 1  # odd: data/passkey.py trains on even keys only
-                    new, _ = generate(model, passkey_prompt(tokenizer, length, depth, key), PASSKEY_NEW_TOKENS,
-                                      temperature=0.0, eos_id=tokenizer.eos_id)
-                    correct += first_integer(tokenizer.decode(new)) == key
-                    bar.update()
-                results[length][depth] = correct / trials
-    model.cache = None
-    return results
-
-
-# ---- output: tables and plots -------------------------------------------------------------------------
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-
-def plot_ppl(results, lengths, path):
-    """Perplexity against context length, one line per method. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        xs = [n for n in lengths if r["ppl"][str(n)]["tokens"]]
-        ax.plot(xs, [r["ppl"][str(n)]["ppl"] for n in xs], marker="o", label=r["method"])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.minorticks_off()
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_passkey(results, lengths, depths, path):
-    """Accuracy heatmaps, lengths x depths, one panel per method. False if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(results), figsize=(1.2 + 0.9 * len(depths) * len(results), 1 + 0.5 * len(lengths)),
-                             squeeze=False)
-    for ax, r in zip(axes[0], results):
-        acc = np.array([[r["accuracy"][str(n)][str(d)] for d in depths] for n in lengths])
-        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        for i in range(len(lengths)):
-            for j in range(len(depths)):
-                ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=8)
-        ax.set_xlabel("depth of the key")
-        ax.set_ylabel("context length")
-        ax.set_title(textwrap.fill(r["method"], 28), fontsize=9)  # a long label wraps, never overflows its panel
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def check_run(run):
-    """Raise ValueError unless `run` has the shape eval.py ppl --json or passkey --json writes."""
-    task = run.get("task") if isinstance(run, dict) else None
-    if task not in ("ppl", "passkey"):
-        raise ValueError("not the output of eval.py ppl --json or passkey --json")
-    lengths, results = run.get("lengths"), run.get("results")
-    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
-        raise ValueError('"lengths" must be a list of integers')
-    depths = run.get("depths")
-    if task == "passkey" and (not isinstance(depths, list) or not all(isinstance(d, (int, float)) for d in depths)):
-        raise ValueError('"depths" must be a list of numbers')
-    if not isinstance(results, list) or not results:
-        raise ValueError('"results" must be a non-empty list')
-    cells = "ppl" if task == "ppl" else "accuracy"
-    for r in results:
-        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get(cells), dict)):
-            raise ValueError(f'each result needs a "method" string and a "{cells}" object')
-    if task == "ppl":
-        for r in results:
-            for n, cell in r["ppl"].items():
-                ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
-                    cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
-                if not ok:
-                    raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
-        return
-    for r in results:
-        for n in lengths:
-            row = r["accuracy"].get(str(n))
-            if not isinstance(row, dict) or not all(isinstance(row.get(str(d)), (int, float)) for d in depths):
-                raise ValueError(f'{r["method"]} @ {n}: expected an accuracy for each depth')
-
-
-def report(files, out=None):
-    """Several runs of one task (e.g. a base model under each method, then the fine-tuned ones) as one
-    table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths).
-    Raises UserError for a file that is not such a run."""
-    if out:
-        check_output(out, "--out")
-    runs = []
-    for f in files:
-        try:
-            with open(f) as fh:
-                runs.append(json.load(fh))
-            check_run(runs[-1])
-            if runs[-1]["task"] != runs[0]["task"]:
-                raise ValueError(f"not the output of eval.py {runs[0]['task']} --json, as the first file is "
-                                 "(a report merges runs of one task)")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
-        except ValueError as e:  # also json.JSONDecodeError
-            raise UserError(f"{f}: {e}") from None
-    if runs[0]["task"] == "passkey":
-        return passkey_report(runs, out)
-    lengths = sorted({n for r in runs for n in r["lengths"]})
-    results = [res for r in runs for res in r["results"]]
-    cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
-                           else "-")
-    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
-                                                             for res in results])
-    print(table)
-    if out:
-        for res in results:  # lengths a run did not evaluate count as empty
-            res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
-        write_report(out, table, lambda png: plot_ppl(results, lengths, png))
-    return results
-
-
-def passkey_report(runs, out):
-    lengths = sorted({n for r in runs for n in r["lengths"]})
-    depths = sorted({d for r in runs for d in r["depths"]})
-    results = [res for r in runs for res in r["results"]]
-    trials = sorted({r["trials"] for r in runs if isinstance(r.get("trials"), int)})
-
-    def cell(res, n):
-        row = res["accuracy"].get(str(n))
-        return f"{np.mean([row[str(d)] for d in depths if str(d) in row]):.0%}" if row else "-"
-    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
-                                                              for res in results])
-    print(f"passkey retrieval: accuracy at each length over the key depths {', '.join(f'{d:g}' for d in depths)}"
-          f" ({'/'.join(map(str, trials))} keys each)\n")
-    print(table)
-    if out:
-        for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
-            res["accuracy"] = {str(n): {str(d): res["accuracy"].get(str(n), {}).get(str(d), 0.0) for d in depths}
-                               for n in lengths}
-        write_report(out, table, lambda png: plot_passkey(results, lengths, depths, png))
-    return results
-
-
-def write_report(out, table, plot):
-    """The markdown table in `out`, and plot(PNG path) beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(table + "\n")
-    png = os.path.splitext(out)[0] + ".png"
-    note(f"wrote {out}" + (f" and {png}" if plot(png) else " (no matplotlib: no plot)"))
-
-
 # ---- command line: parse, check, read the inputs, evaluate, write ---------------------------------------
-
-def check_output(path, flag):
-    """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    check_writable(os.path.dirname(os.path.abspath(path)), flag)
-
 
 def int_list(s):
     try:
@@ -470,7 +237,7 @@ def check_args(args):
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
-            check_output(path, flag)
+            report.check_output(path, flag)
     cfg = LlamaConfig.from_pretrained(args.model)
     specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
     ropes = [rope_config(cfg.rope, m, f, lengths[-1]) for m, f in specs]
@@ -501,10 +268,10 @@ def read_documents(args, cfg):
 
 def read_tokenizer(args, cfg):
     """passkey's tokenizer, checked on the shortest prompt."""
-    from data.prepare import load_tokenizer
+    from data.tokenizer import load_tokenizer
     tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
     try:
-        ids = passkey_prompt(tok, args.lengths[0], 0.5, 12345)
+        ids = passkey.passkey_prompt(tok, args.lengths[0], 0.5, 12345)
     except ValueError as e:
         raise UserError(str(e)) from None
     if max(ids) >= cfg.vocab_size:
@@ -521,55 +288,32 @@ def run(args, model, ropes, labels, inputs, device):
             r = evaluate_ppl(model, inputs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
             results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
             continue
-        need = max(lengths) + PASSKEY_NEW_TOKENS
+        need = max(lengths) + passkey.PASSKEY_NEW_TOKENS
         try:
             model.setup_cache(1, need)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
             raise UserError(f"cannot allocate the KV cache for {need} tokens on {device}: "
                             f"{str(e).splitlines()[0]}") from None
-        acc = passkey_accuracy(model, inputs, lengths, args.depths, args.trials, args.seed)
+        acc = passkey.passkey_accuracy(model, inputs, lengths, args.depths, args.trials, args.seed)
         results.append({"method": label, "rope": asdict(rope),
                         "accuracy": {str(n): {str(d): a for d, a in row.items()} for n, row in acc.items()},
                         "mean": float(np.mean([a for row in acc.values() for a in row.values()]))})
     return results
 
 
-def write(args, results):
-    """The table on stdout; with --json the numbers, and the plot."""
-    lengths = args.lengths
-    if args.task == "ppl":
-        what = f"sliding window, stride {args.stride}" if args.stride else "whole documents truncated to each length"
-        print(f"perplexity ({what}) of {args.model}\n")
-        rows = [[r["method"]] + [f"{r['ppl'][str(n)]['ppl']:.3f}" if r["ppl"][str(n)]["tokens"] else "-"
-                                  for n in lengths] for r in results]
-        print(markdown_table(["method \\ length"] + lengths, rows))
-        first = results[0]["ppl"]
-        print("\nscored per length: " + ", ".join(f"{n}: {first[str(n)]['docs']} docs, {first[str(n)]['tokens']} tokens"
-                                                for n in lengths))
-    else:
-        print(f"passkey retrieval accuracy of {args.model}, {args.trials} keys per cell\n")
-        for r in results:
-            print(f"{r['method']}: mean {r['mean']:.1%}\n")
-            rows = [[n] + [f"{r['accuracy'][str(n)][str(d)]:.0%}" for d in args.depths] for n in lengths]
-            print(markdown_table(["length \\ depth"] + [f"{d:g}" for d in args.depths], rows) + "\n")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        extra = {"data": args.data, "stride": args.stride} if args.task == "ppl" else \
-            {"depths": args.depths, "trials": args.trials, "seed": args.seed}
-        write_json(args.json, {"task": args.task, "model": args.model, "lengths": lengths, **extra, "results": results})
-        note(f"wrote {args.json}")
-    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    if plot:
-        done = plot_ppl(results, lengths, plot) if args.task == "ppl" else \
-            plot_passkey(results, lengths, args.depths, plot)
-        note(f"wrote {plot}" if done else "note: matplotlib is not installed: plot skipped (pip install matplotlib)")
+def run_json(args, results):
+    """The run as --json holds it (report.py's format): the task, the model, the lengths, the task's own
+    flags and the results."""
+    extra = {"data": args.data, "stride": args.stride} if args.task == "ppl" else \
+        {"depths": args.depths, "trials": args.trials, "seed": args.seed}
+    return {"task": args.task, "model": args.model, "lengths": args.lengths, **extra, "results": results}
 
 
 def main(argv=None):
     with one_line_errors():
         args = parse_args(argv)
         if args.task == "report":
-            return report(args.files, args.out)
+            return report.report(args.files, args.out)
         cfg, ropes, labels = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
@@ -577,7 +321,7 @@ def main(argv=None):
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         with attention_backends(device, dtype):
             results = run(args, model, ropes, labels, inputs, device)
-        write(args, results)
+        report.write_run(run_json(args, results), args.json, args.plot)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ CPU default chunk is smaller.
 The model's own rope_scaling applies unless --rope names another method (see rope.py for all of
 them); dynamic methods stay exact as the text grows (model.setup_cache explains how).
 The continuation streams to stdout; the cache size, notes and speed go to stderr.
-Python: generate(model, prompt_ids, max_new_tokens, ...) returns the new token ids and their timing.
+Python: generation.generate(model, prompt_ids, max_new_tokens, ...) returns the new token ids and their
+timing.
 
-What this file teaches: generation as gpt-fast does it, a cache set up once, one chunked prefill, then
-one token per step (generate), and a command whose main() reads as its steps: parse, check, load, run.
+What this file teaches: a command whose main() reads as its steps: parse, check, load, run. The decoding
+itself, as gpt-fast does it (a cache set up once, one chunked prefill, then one token per step), is
+generation.py's; what this file adds is the memory it takes, checked before anything is allocated, and
+text streamed as it is generated.
 """
 
 import argparse
@@ -30,106 +33,17 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
                     pick_device, pick_dtype, reading, rope_config)
+from generation import check_sampling, generate, sync
 from model import Llama, LlamaConfig
 from rope import METHODS
 
 
-# ---- sampling -----------------------------------------------------------------------------------------
-
-def check_sampling(temperature, top_k, top_p):
-    if not temperature >= 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-
-
-def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """One token id from fp32 logits (V,): argmax at temperature 0, else a draw from the softmax at
-    that temperature, restricted to the top_k most likely tokens and to the smallest set whose
-    probability reaches top_p (nucleus sampling)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        probs, order = torch.softmax(logits, -1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches p
-        logits = logits.index_fill(0, order[outside], float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclass
-class Timing:
-    prompt_tokens: int
-    prefill_s: float   # until the first new token: the prompt's forward passes + one sample
-    new_tokens: int
-    decode_s: float    # the rest: one forward pass per further token
-
-    def summary(self):
-        prefill = f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.2f}s " \
-                  f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s)"
-        if self.new_tokens < 2:
-            return prefill
-        return prefill + f"; decode {self.new_tokens - 1} tokens in {self.decode_s:.2f}s " \
-                         f"({(self.new_tokens - 1) / max(self.decode_s, 1e-9):.1f} tok/s)"
-
-
-def sync(device):
-    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, generator=None,
-             on_token=None, eos_id=None, chunk_size=None, decode_step=None):
-    """Prefill prompt_ids (a list of ints) into the KV cache in chunks, then sample one token at a time.
-    Uses the cache set up by model.setup_cache (one is made for prompt + max_new_tokens if there is none);
-    generation stops early at eos_id or when the cache is full. on_token(token, logits) is called for each
-    new token with the fp32 logits (V,) it was drawn from. decode_step: model.compile_decode()'s, to
-    decode through the fixed-shape step (default: the eager path). Returns (new token ids, Timing)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    P = idx.size(1)
-    if model.cache is None:
-        model.setup_cache(1, P + max_new_tokens)
-    if P > model.cache.max_len:
-        raise ValueError(f"the prompt has {P} tokens, more than the {model.cache.max_len} the KV cache holds")
-    max_new_tokens = min(max_new_tokens, model.cache.max_len - P + 1)  # the last new token is never fed back
-    sync(device)
-    t0 = time.perf_counter()
-    logits = model.prefill(idx, chunk_size)[0, -1]  # (V,)
-    out = []
-    for i in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_k, top_p, generator)  # .item(): waits for the GPU
-        if i == 0:
-            t1 = time.perf_counter()
-        out.append(token)
-        if on_token is not None:
-            on_token(token, logits)
-        if token == eos_id or i == max_new_tokens - 1:
-            break
-        token_ids = torch.tensor([[token]], device=device)
-        if decode_step is None:
-            logits = model(token_ids, pos=P + i, last_only=True)[0, -1]
-        else:  # clone: a CUDA graph writes its next output over this one
-            logits = model.decode(token_ids, P + i, decode_step)[0, -1].clone()
-    sync(device)
-    t2 = time.perf_counter()
-    if not out:
-        t1 = t2
-    return out, Timing(P, t1 - t0, len(out), t2 - t1)
-
+# ---- streaming the text -------------------------------------------------------------------------------
 
 class Streamer:
     """on_token callback that prints text as it is generated. Decoding tokens one by one would lose
@@ -319,7 +233,7 @@ def main(argv=None):
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
-        from data.prepare import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
+        from data.tokenizer import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
         tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
         ids = read_prompt(args, tok, cfg, ctx)
         check_memory(cfg, ctx, dtype, device)

@@ -43,7 +43,7 @@ import distributed
 import rundir
 from checkpoint import read_tensors
 from common import UserError, one_line_errors
-from data.prepare import PackedData
+from data.packed import PackedData
 from model import Llama
 from plan import flops
 from progress import Progress

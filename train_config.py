@@ -20,7 +20,8 @@ import torch
 import rundir
 from checkpoint import read_config
 from common import ArgumentParser, UserError, print0, reading
-from data.prepare import PackedData, load_tokenizer, read_meta
+from data.packed import PackedData, read_meta
+from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
 from model import CHECKPOINTING, Llama, LlamaConfig
 from publish import check_writable

@@ -29,7 +29,7 @@ Workloads (T = tokens, batch 1):
 
 Peak memory: on CPU the process's peak RSS (VmHWM, reset after loading so it covers the workload,
 the loaded weights included); on CUDA torch.cuda.max_memory_allocated. The machine's fp32 (bf16 on
-CUDA) matmul peak and copy bandwidth are measured in the same run (on a GPU named in train.py's table,
+CUDA) matmul peak and copy bandwidth are measured in the same run (on a GPU named in plan.py's table,
 the datasheet's dense bf16 peak is used instead: 989 TFLOP/s for H100 and H200); forward FLOPs are counted as
 2 * (weights of every matmul, lm_head included) * T + 2 * T^2 * (H * D) * layers (causal attention:
 QK^T and PV, half the square each), a training step as 3x that.
@@ -59,6 +59,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
 from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402
+from plan import PEAK_BF16_FLOPS  # noqa: E402
+from publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 # The models: "135m" has the shape of SmolLM-135M (a small real Llama-family model), with YaRN x8
@@ -345,7 +347,7 @@ def work(spec):
 def machine_peak(device, dtype, n):
     """The best square-matmul FLOP/s and copy bandwidth of this machine, in the benchmark's dtype. A GPU
     does one product or copy in about a millisecond: each timing there covers 10, so that the launch and
-    synchronisation do not count. A GPU with a datasheet peak in train.py's table is held to that."""
+    synchronisation do not count. A GPU with a datasheet peak in plan.py's table is held to that."""
     reps = 10 if device == "cuda" else 1
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
@@ -364,7 +366,6 @@ def machine_peak(device, dtype, n):
     copy = min(timed(copies, device, 0)[0] for _ in range(5)) / reps
     res = dict(matmul_flops=2 * n**3 / matmul, copy_bytes_per_s=2 * x.numel() * 4 / copy)
     if device == "cuda":
-        from train import PEAK_BF16_FLOPS
         name = torch.cuda.get_device_name()
         datasheet = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         if datasheet:
@@ -637,12 +638,11 @@ def run(argv):
     summary = [summarise(size, w, runs, peak, bytes_per_el) for size, w, runs in rows]
     info.update(loadavg_end=os.getloadavg()[0], seconds=round(time.time() - t0))
     print("\n" + table(summary))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with new_file(out) as f:
         json.dump(dict(machine=info, config=asdict(cfg), peak=dict(peak, runs=peaks), checks=checks,
                        models={s: dict(SIZES[s], rope=ROPES.get(s, ROPE), params=num_params(s)) for s in sizes},
                        results=summary), f, indent=1)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    with new_file(os.path.splitext(out)[0] + ".md") as f:
         f.write(table(summary, markdown=True) + "\n")
     log(f"wrote {out} and its .md table")
     return 1 if any("errors" in r for r in summary) else 0

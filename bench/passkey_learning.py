@@ -11,7 +11,8 @@ keys) and follows, every --every steps, what it has learnt:
     first   the answer's first digit after "What is the pass key? The pass key is": a copy from a
             distance that depends on the filler, which needs content-based lookup (an induction head)
     answer  all five answer digits, teacher-forced
-    eval@L  eval.py's greedy passkey accuracy at length L on the paper's own prompt (other filler, odd keys)
+    eval@L  `eval.py passkey`'s greedy accuracy (data/passkey.py) at length L on the paper's own prompt
+            (other filler, odd keys)
 
 The first three are measured on documents the run never trains on (another seed).
 
@@ -33,10 +34,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.passkey import passkey_document  # noqa: E402
-from data.prepare import PackedData, load_tokenizer  # noqa: E402
-from eval import passkey_accuracy  # noqa: E402
+from data.packed import PackedData  # noqa: E402
+from data.passkey import passkey_accuracy, passkey_document  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
+from publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 
@@ -134,7 +136,7 @@ def main(argv=None):
             print(f"| {step} | {row['tokens'] / 1e6:.2f}M | {row['loss']:.3f} | {repeat:.0%} | {first:.0%} | "
                   f"{answer:.0%} | {row['eval_at_L']:.0%} | {row['seconds']:.0f} |", flush=True)
     if a.json:
-        with open(a.json, "w") as f:
+        with new_file(a.json) as f:
             json.dump({"args": vars(a), "log": log}, f, indent=1)
 
 

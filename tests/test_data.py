@@ -1,6 +1,6 @@
 """
-Tests of data/prepare.py: tokenizing, packing, the train/val split, block layout, and one-line errors.
-Small synthetic corpora, no network, a few seconds.
+Tests of data/prepare.py and its libraries data/tokenizer.py and data/packed.py: tokenizing, packing, the
+train/val split, block layout, and one-line errors. Small synthetic corpora, no network, a few seconds.
 
     python -m pytest tests/test_data.py -q
 """
@@ -16,8 +16,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # so `import data.prepare` works however pytest is started
-from data.prepare import PackedData, load_tokenizer, main, read_meta  # noqa: E402
+sys.path.insert(0, ROOT)  # so `import data.packed` works however pytest is started
+from data.packed import PackedData, read_meta  # noqa: E402
+from data.prepare import main  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 
 WORDS = ("the king queen crown sword night day love death speak hear what where when who thou thee "
          "my lord lady good ill fair foul come go stay hold 'tis o'er none 1599 2024 !? , . ; :").split()

@@ -1,8 +1,9 @@
 """
-Tests of eval.py: perplexity equal to transformers' on the same weights and tokens (whole documents
-and strided windows, for several RoPE methods), the strided windows' token accounting, the passkey
-prompt, passkey accuracy of a model built to copy (100%) and of a random one (about 0), and the command
-line (tables, JSON, plots, one-line errors). Tiny random models, about a minute.
+Tests of eval.py, data/passkey.py and report.py: perplexity equal to transformers' on the same weights
+and tokens (whole documents and strided windows, for several RoPE methods), the strided windows' token
+accounting, the passkey prompt, passkey accuracy of a model built to copy (100%) and of a random one
+(about 0), and the command line (tables, JSON, plots, reports, one-line errors). Tiny random models,
+about a minute.
 
     python -m pytest tests/test_eval.py -q
 """
@@ -21,8 +22,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
-from data.prepare import load_tokenizer, prepare, train_tokenizer  # noqa: E402
+from data import passkey  # noqa: E402
+from data.packed import prepare  # noqa: E402
+from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
+import report  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 from common import UserError, rope_config  # noqa: E402
 
@@ -45,7 +49,7 @@ def corpus_text(i, words=300):
     rng = np.random.default_rng(i)
     vocab = ("the grass sky sun is green blue yellow here we go there and back again pass key remember it "
              "what 0 1 2 3 4 5 6 7 8 9 . , ?").split()
-    return " ".join(rng.choice(vocab, words)) + "\n" + ev.passkey_text(3, 0.5, 10000 + i) + "\n"
+    return " ".join(rng.choice(vocab, words)) + "\n" + passkey.passkey_text(3, 0.5, 10000 + i) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -181,38 +185,39 @@ PAPER_PROMPT = (  # Mohtashami & Jaggi (2023), as the YaRN paper uses it: two fi
 
 
 def test_passkey_text_is_the_papers_prompt():
-    assert ev.passkey_text(2, 0.5, 54321) == PAPER_PROMPT
+    assert passkey.passkey_text(2, 0.5, 54321) == PAPER_PROMPT
     for n, depth in ((0, 0.5), (5, 0.0), (5, 1.0), (7, 0.3)):
-        lines = ev.passkey_text(n, depth, 54321).split("\n")
-        assert len(lines) == 5 and lines[0] == ev.TASK and lines[2] == ev.KEY_LINE.format(key=54321)
+        lines = passkey.passkey_text(n, depth, 54321).split("\n")
+        assert len(lines) == 5 and lines[0] == passkey.TASK and lines[2] == passkey.KEY_LINE.format(key=54321)
         assert lines[-1] == "What is the pass key? The pass key is"
-        assert lines[1].count(ev.FILLER) == round(depth * n) and lines[3].count(ev.FILLER) == n - round(depth * n)
+        assert lines[1].count(passkey.FILLER) == round(depth * n)
+        assert lines[3].count(passkey.FILLER) == n - round(depth * n)
 
 
 def test_passkey_prompt_layout(checkpoint):
     tok = load_tokenizer(checkpoint)
     for length in (250, 500, 1500):  # this tokenizer spends ~60 tokens on one filler line
         for depth in (0.0, 0.5, 1.0):
-            ids = ev.passkey_prompt(tok, length, depth, 54321)
+            ids = passkey.passkey_prompt(tok, length, depth, 54321)
             text = tok.decode(ids)
-            per = len(tok.encode(" " + ev.FILLER))
+            per = len(tok.encode(" " + passkey.FILLER))
             assert length - 2 * per <= len(ids) <= length  # fills the length, never exceeds it
-            assert ids[0] == tok.bos_id and text.startswith(ev.TASK + "\n") and text.endswith(ev.QUESTION)
+            assert ids[0] == tok.bos_id and text.startswith(passkey.TASK + "\n") and text.endswith(passkey.QUESTION)
             assert text.count("The pass key is 54321. Remember it. 54321 is the pass key.") == 1
             assert text.count("54321") == 2
-            before, after = text.split(ev.KEY_LINE.format(key=54321))
-            n_before, n_after = before.count(ev.FILLER), after.count(ev.FILLER)
+            before, after = text.split(passkey.KEY_LINE.format(key=54321))
+            n_before, n_after = before.count(passkey.FILLER), after.count(passkey.FILLER)
             assert n_before + n_after >= 1
             assert n_before == round(depth * (n_before + n_after))  # the key sits at the depth asked
     with pytest.raises(ValueError, match="too short"):
-        ev.passkey_prompt(tok, 10, 0.5, 12345)
+        passkey.passkey_prompt(tok, 10, 0.5, 12345)
 
 
 class WordTokenizer:
     """Words and punctuation are tokens, and each 5-digit number is a single token (ids num0 + n - 10000)."""
 
     def __init__(self):
-        words = sorted(set(re.findall(r"[A-Za-z]+|[^\w\s]", ev.passkey_text(1, 0.5, 12345))))
+        words = sorted(set(re.findall(r"[A-Za-z]+|[^\w\s]", passkey.passkey_text(1, 0.5, 12345))))
         self.words = ["<unk>", "<s>", "</s>"] + words
         self.index = {w: i for i, w in enumerate(self.words)}
         self.bos_id, self.eos_id, self.num0 = 1, 2, len(self.words)
@@ -263,12 +268,12 @@ def copy_model(tok, C=64, H=4):
 def test_passkey_copy_model_scores_100_and_random_model_about_0():
     tok = WordTokenizer()
     lengths, depths = [80, 150, 400], [0.0, 0.5, 1.0]
-    acc = ev.passkey_accuracy(copy_model(tok), tok, lengths, depths, trials=3, seed=0)
+    acc = passkey.passkey_accuracy(copy_model(tok), tok, lengths, depths, trials=3, seed=0)
     assert set(acc) == set(lengths) and all(set(row) == set(depths) for row in acc.values())
     assert all(a == 1.0 for row in acc.values() for a in row.values()), acc
     random_model = tiny_model(RopeConfig(theta=1e6, head_dim=16, original_max_position_embeddings=4096),
                               vocab=tok.vocab_size)
-    acc = ev.passkey_accuracy(random_model, tok, lengths, depths, trials=3, seed=0)
+    acc = passkey.passkey_accuracy(random_model, tok, lengths, depths, trials=3, seed=0)
     assert np.mean([a for row in acc.values() for a in row.values()]) <= 0.1, acc
 
 
@@ -335,7 +340,7 @@ def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
         ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--label", label, "--rope", rope, "--data", str(texts),
                  "--lengths", lengths, "--json", str(tmp_path / f"{label}.json")])
     capsys.readouterr()
-    merged = ev.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
+    merged = report.report([str(tmp_path / "base.json"), str(tmp_path / "tuned.json")], str(tmp_path / "all.md"))
     table = (tmp_path / "all.md").read_text()
     base, tuned = (json.loads((tmp_path / f"{x}.json").read_text())["results"][0] for x in ("base", "tuned"))
     assert [r["method"] for r in merged] == ["base, none (L=64)", "tuned, yarn s=4 (L=64)"]
@@ -362,14 +367,14 @@ def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
 
     # report merges passkey runs of several checkpoints: one row each, the mean over depths per length;
     # and the keys asked are odd: data/passkey.py trains on even ones, so none was ever seen in training
-    keys, prompt = [], ev.passkey_prompt
-    monkeypatch.setattr(ev, "passkey_prompt", lambda tok, n, d, key: keys.append(key) or prompt(tok, n, d, key))
+    keys, prompt = [], passkey.passkey_prompt
+    monkeypatch.setattr(passkey, "passkey_prompt", lambda tok, n, d, key: keys.append(key) or prompt(tok, n, d, key))
     ev.main(["passkey", *ON_CPU, "--model", checkpoint, "--label", "tuned", "--lengths", "256", "--depths", "0,1",
              "--trials", "5", "--json", str(tmp_path / "pk2.json")])
     assert keys[0] == 12345 and len(keys) == 11  # a first prompt checks the length, then 2 x 5 trials
     assert all(k % 2 == 1 and 10000 < k < 100000 for k in keys[1:]), keys
     capsys.readouterr()
-    merged = ev.report([str(tmp_path / "pk.json"), str(tmp_path / "pk2.json")], str(tmp_path / "pk.md"))
+    merged = report.report([str(tmp_path / "pk.json"), str(tmp_path / "pk2.json")], str(tmp_path / "pk.md"))
     table = (tmp_path / "pk.md").read_text()
     assert len(merged) == 3 and "| method \\ length | 256 | 320 |" in table
     first = res["results"][0]
@@ -378,7 +383,7 @@ def test_cli_passkey(checkpoint, tmp_path, capsys, monkeypatch):
     ppl_run = {"task": "ppl", "lengths": [256], "results": [{"method": "x", "ppl": {"256": {"ppl": 2.0, "tokens": 9}}}]}
     (tmp_path / "ppl.json").write_text(json.dumps(ppl_run))
     with pytest.raises(UserError, match="not the output of eval.py passkey"):  # a passkey run and a ppl run do not make one table
-        ev.report([str(tmp_path / "pk.json"), str(tmp_path / "ppl.json")])
+        report.report([str(tmp_path / "pk.json"), str(tmp_path / "ppl.json")])
 
 
 def _has_matplotlib():

@@ -1,7 +1,7 @@
 """
-Tests of sample.py: cached decoding equals full forward passes (static and dynamic RoPE, across the
-original length L), chunked prefill equals one pass, the sampler's filters, the command line, and its
-one-line errors. Tiny random models, a few seconds each.
+Tests of sample.py and generation.py: cached decoding equals full forward passes (static and dynamic
+RoPE, across the original length L), chunked prefill equals one pass, the sampler's filters, the command
+line, and its one-line errors. Tiny random models, a few seconds each.
 
     python -m pytest tests/test_sample.py -q
 """
@@ -15,9 +15,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import generation  # noqa: E402
 import sample  # noqa: E402
 from common import UserError, rope_config  # noqa: E402
-from data.prepare import load_tokenizer, train_tokenizer  # noqa: E402
+from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 from tests.test_model import logits_for_length  # noqa: E402
@@ -70,7 +71,7 @@ def test_cached_greedy_equals_full_forward(method, factor):
     # dynamic_growth=1: the dynamic scale follows the length at every token, as a full forward does
     model.setup_cache(1, 64, dynamic_growth=1)
     got_logits = []
-    got, _ = sample.generate(model, prompt, 30, temperature=0.0, on_token=lambda t, lg: got_logits.append(lg.clone()))
+    got, _ = generation.generate(model, prompt, 30, temperature=0.0, on_token=lambda t, lg: got_logits.append(lg.clone()))
     assert got == want
     for a, b in zip(got_logits, want_logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -84,7 +85,7 @@ def test_cached_decoding_with_default_growth_matches_its_rope_len(method):
     prompt = torch.randint(3, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     model.setup_cache(1, 64)  # dynamic_growth 1.25
     steps = []
-    new, _ = sample.generate(model, prompt, 30,
+    new, _ = generation.generate(model, prompt, 30,
                              on_token=lambda t, lg: steps.append((t, lg.clone(), model.cache.rope_len)))
     rope_lens = [r for _, _, r in steps]
     assert len(set(rope_lens)) > 2 and max(rope_lens) > L  # the text crossed L and the scale moved
@@ -101,7 +102,7 @@ def test_chunked_prefill_equals_one_pass(method):
     prompt = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(3)).tolist()
     model.setup_cache(1, 128)
     first = []
-    sample.generate(model, prompt, 1, chunk_size=16, on_token=lambda t, lg: first.append(lg))  # 7 chunks
+    generation.generate(model, prompt, 1, chunk_size=16, on_token=lambda t, lg: first.append(lg))  # 7 chunks
     full = logits_for_length(model, torch.tensor([prompt]), model.cache.rope_len)[0, -1]
     torch.testing.assert_close(first[0], full, atol=2e-5, rtol=1e-4)
 
@@ -116,7 +117,7 @@ def test_fixed_shape_decode_step_equals_the_cached_forward(method, factor):
     for step in (None, model.decode_step):
         model.setup_cache(1, 64)
         logits = []
-        new, _ = sample.generate(model, prompt, 40, on_token=lambda t, lg: logits.append(lg.clone()), decode_step=step)
+        new, _ = generation.generate(model, prompt, 40, on_token=lambda t, lg: logits.append(lg.clone()), decode_step=step)
         runs.append((new, logits, model.cache.rope_len))
     (want, want_logits, want_len), (got, got_logits, got_len) = runs
     assert got == want and got_len == want_len and (method == "yarn" or got_len > L)
@@ -127,15 +128,15 @@ def test_fixed_shape_decode_step_equals_the_cached_forward(method, factor):
 def test_generation_stops_at_eos_and_when_the_cache_is_full():
     model = tiny_model()
     prompt = [5, 6, 7]
-    greedy, _ = sample.generate(model, prompt, 10)
+    greedy, _ = generation.generate(model, prompt, 10)
     model.cache = None
-    stopped, _ = sample.generate(model, prompt, 10, eos_id=greedy[3])
+    stopped, _ = generation.generate(model, prompt, 10, eos_id=greedy[3])
     assert stopped == greedy[:greedy.index(greedy[3]) + 1]
     model.setup_cache(1, 6)  # 3 prompt tokens + 3 fed back: 4 new tokens fit
-    full, timing = sample.generate(model, prompt, 10)
+    full, timing = generation.generate(model, prompt, 10)
     assert full == greedy[:4] and timing.new_tokens == 4 and timing.prompt_tokens == 3
     with pytest.raises(ValueError, match="more than"):
-        sample.generate(model, list(range(3, 10)), 1)
+        generation.generate(model, list(range(3, 10)), 1)
 
 
 # ---- the sampler ---------------------------------------------------------------------------------------
@@ -145,22 +146,22 @@ def test_sample_token_filters():
     g = torch.Generator().manual_seed(0)
 
     def support(**kw):
-        return {sample.sample_token(logits, generator=g, **kw) for _ in range(300)}
+        return {generation.sample_token(logits, generator=g, **kw) for _ in range(300)}
 
-    assert sample.sample_token(logits, 0.0) == 0
+    assert generation.sample_token(logits, 0.0) == 0
     assert support(temperature=1.0) == {0, 1, 2, 3}
     assert support(temperature=1.0, top_k=2) == {0, 1}
     assert support(temperature=1.0, top_p=0.5) == {0}          # 0.5 alone reaches p
     assert support(temperature=1.0, top_p=0.6) == {0, 1}
     assert support(temperature=1.0, top_p=0.9) == {0, 1, 2}
     assert support(temperature=1.0, top_k=3, top_p=0.6) == {0, 1}
-    a = [sample.sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(5)]
-    b = [sample.sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(5)]
+    a = [generation.sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(5)]
+    b = [generation.sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(5)]
     assert a == b  # the seed decides
     for bad in [dict(temperature=-1, top_k=0, top_p=1), dict(temperature=1, top_k=-1, top_p=1),
                 dict(temperature=1, top_k=0, top_p=0), dict(temperature=1, top_k=0, top_p=1.5)]:
         with pytest.raises(UserError):
-            sample.check_sampling(**bad)
+            generation.check_sampling(**bad)
 
 
 def test_rope_config_override():
@@ -188,7 +189,7 @@ def test_cli_streams_greedy_text(checkpoint, capsys):
     model = Llama.from_pretrained(checkpoint)
     model.set_rope(rope_config(model.config.rope, "dynamic-yarn"))
     ids = [tok.bos_id] + tok.encode("the quick brown")
-    new, _ = sample.generate(model, ids, 12, eos_id=tok.eos_id)
+    new, _ = generation.generate(model, ids, 12, eos_id=tok.eos_id)
     assert out == tok.decode(new) + "\n"
     assert "KV cache: 100 tokens" in err and "dynamic-yarn" in err and "tok/s" in err and "peak memory" in err
     assert "exceeds the 32 tokens" in err  # --ctx 100 > L = 32: one note, and it went on

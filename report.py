@@ -1,0 +1,226 @@
+"""
+How eval.py's numbers are shown: markdown tables on stdout and in files, the JSON of a run, and plots
+(perplexity against length, one line per method; passkey accuracy as a length x depth heatmap), for one
+run or for several merged into one table.
+
+    python eval.py ppl ... --json out/yarn.json     # write_run: the table, out/yarn.json and out/yarn.png
+    python eval.py report out/base.json out/yarn.json --out out/ppl.md   # report: one table and one plot
+
+A run is what `eval.py ppl --json` (or passkey --json) writes: {"task", "model", "lengths", the task's own
+flags, "results": [{"method", "ppl" or "accuracy", ...}, ...]}.
+What guards it: check_output refuses an output path that cannot be written, before the evaluation runs;
+check_run refuses JSON of another shape (report turns that into a UserError naming the file); every file
+is written through publish.py. Plots need matplotlib: without it they are skipped, with a note.
+"""
+
+import json
+import math
+import os
+import textwrap
+
+import numpy as np
+
+from common import UserError, note
+from publish import check_writable, new_file, write_json
+
+
+def write_run(run, json_path=None, plot_path=None):
+    """One run of eval.py ppl or passkey: its table on stdout; with json_path the run as JSON, and the plot
+    at plot_path (default: json_path with .png)."""
+    lengths, results = run["lengths"], run["results"]
+    if run["task"] == "ppl":
+        what = f"sliding window, stride {run['stride']}" if run["stride"] else "whole documents truncated to each length"
+        print(f"perplexity ({what}) of {run['model']}\n")
+        rows = [[r["method"]] + [f"{r['ppl'][str(n)]['ppl']:.3f}" if r["ppl"][str(n)]["tokens"] else "-"
+                                  for n in lengths] for r in results]
+        print(markdown_table(["method \\ length"] + lengths, rows))
+        first = results[0]["ppl"]
+        print("\nscored per length: " + ", ".join(f"{n}: {first[str(n)]['docs']} docs, {first[str(n)]['tokens']} tokens"
+                                                for n in lengths))
+    else:
+        print(f"passkey retrieval accuracy of {run['model']}, {run['trials']} keys per cell\n")
+        for r in results:
+            print(f"{r['method']}: mean {r['mean']:.1%}\n")
+            rows = [[n] + [f"{r['accuracy'][str(n)][str(d)]:.0%}" for d in run["depths"]] for n in lengths]
+            print(markdown_table(["length \\ depth"] + [f"{d:g}" for d in run["depths"]], rows) + "\n")
+    if json_path:
+        write_json(json_path, run)
+        note(f"wrote {json_path}")
+    plot = plot_path or (os.path.splitext(json_path)[0] + ".png" if json_path else None)
+    if plot:
+        done = plot_ppl(results, lengths, plot) if run["task"] == "ppl" else \
+            plot_passkey(results, lengths, run["depths"], plot)
+        note(f"wrote {plot}" if done else "note: matplotlib is not installed: plot skipped (pip install matplotlib)")
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def plot_ppl(results, lengths, path):
+    """Perplexity against context length, one line per method. False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [n for n in lengths if r["ppl"][str(n)]["tokens"]]
+        ax.plot(xs, [r["ppl"][str(n)]["ppl"] for n in xs], marker="o", label=r["method"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    return True
+
+
+def plot_passkey(results, lengths, depths, path):
+    """Accuracy heatmaps, lengths x depths, one panel per method. False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(1.2 + 0.9 * len(depths) * len(results), 1 + 0.5 * len(lengths)),
+                             squeeze=False)
+    for ax, r in zip(axes[0], results):
+        acc = np.array([[r["accuracy"][str(n)][str(d)] for d in depths] for n in lengths])
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("depth of the key")
+        ax.set_ylabel("context length")
+        ax.set_title(textwrap.fill(r["method"], 28), fontsize=9)  # a long label wraps, never overflows its panel
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    return True
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files only (no display needed), or None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    """The figure in the format its file extension names (PNG without one), written through publish.new_file."""
+    with new_file(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:] or None, dpi=120)
+    plt.close(fig)
+
+
+def report(files, out=None):
+    """Several runs of one task (e.g. a base model under each method, then the fine-tuned ones) as one
+    table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths).
+    Raises UserError for a file that is not such a run."""
+    if out:
+        check_output(out, "--out")
+    runs = []
+    for f in files:
+        try:
+            with open(f) as fh:
+                runs.append(json.load(fh))
+            check_run(runs[-1])
+            if runs[-1]["task"] != runs[0]["task"]:
+                raise ValueError(f"not the output of eval.py {runs[0]['task']} --json, as the first file is "
+                                 "(a report merges runs of one task)")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        except ValueError as e:  # also json.JSONDecodeError
+            raise UserError(f"{f}: {e}") from None
+    if runs[0]["task"] == "passkey":
+        return passkey_report(runs, out)
+    lengths = sorted({n for r in runs for n in r["lengths"]})
+    results = [res for r in runs for res in r["results"]]
+    cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
+                           else "-")
+    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
+                                                             for res in results])
+    print(table)
+    if out:
+        for res in results:  # lengths a run did not evaluate count as empty
+            res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
+        write_report(out, table, lambda png: plot_ppl(results, lengths, png))
+    return results
+
+
+def passkey_report(runs, out):
+    lengths = sorted({n for r in runs for n in r["lengths"]})
+    depths = sorted({d for r in runs for d in r["depths"]})
+    results = [res for r in runs for res in r["results"]]
+    trials = sorted({r["trials"] for r in runs if isinstance(r.get("trials"), int)})
+
+    def cell(res, n):
+        row = res["accuracy"].get(str(n))
+        return f"{np.mean([row[str(d)] for d in depths if str(d) in row]):.0%}" if row else "-"
+    table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
+                                                              for res in results])
+    print(f"passkey retrieval: accuracy at each length over the key depths {', '.join(f'{d:g}' for d in depths)}"
+          f" ({'/'.join(map(str, trials))} keys each)\n")
+    print(table)
+    if out:
+        for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
+            res["accuracy"] = {str(n): {str(d): res["accuracy"].get(str(n), {}).get(str(d), 0.0) for d in depths}
+                               for n in lengths}
+        write_report(out, table, lambda png: plot_passkey(results, lengths, depths, png))
+    return results
+
+
+def write_report(out, table, plot):
+    """The markdown table in `out`, and plot(PNG path) beside it."""
+    with new_file(out) as fh:
+        fh.write(table + "\n")
+    png = os.path.splitext(out)[0] + ".png"
+    note(f"wrote {out}" + (f" and {png}" if plot(png) else " (no matplotlib: no plot)"))
+
+
+# ---- checks: what can be written, what can be read ----------------------------------------------------
+
+def check_output(path, flag):
+    """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_run(run):
+    """Raise ValueError unless `run` has the shape eval.py ppl --json or passkey --json writes."""
+    task = run.get("task") if isinstance(run, dict) else None
+    if task not in ("ppl", "passkey"):
+        raise ValueError("not the output of eval.py ppl --json or passkey --json")
+    lengths, results = run.get("lengths"), run.get("results")
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ValueError('"lengths" must be a list of integers')
+    depths = run.get("depths")
+    if task == "passkey" and (not isinstance(depths, list) or not all(isinstance(d, (int, float)) for d in depths)):
+        raise ValueError('"depths" must be a list of numbers')
+    if not isinstance(results, list) or not results:
+        raise ValueError('"results" must be a non-empty list')
+    cells = "ppl" if task == "ppl" else "accuracy"
+    for r in results:
+        if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get(cells), dict)):
+            raise ValueError(f'each result needs a "method" string and a "{cells}" object')
+    if task == "ppl":
+        for r in results:
+            for n, cell in r["ppl"].items():
+                ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
+                    cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
+                if not ok:
+                    raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
+        return
+    for r in results:
+        for n in lengths:
+            row = r["accuracy"].get(str(n))
+            if not isinstance(row, dict) or not all(isinstance(row.get(str(d)), (int, float)) for d in depths):
+                raise ValueError(f'{r["method"]} @ {n}: expected an accuracy for each depth')

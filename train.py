@@ -266,7 +266,7 @@ def main(argv=None):
 def run(argv, cleanup):
     tc = parse_args(argv, __doc__)
     env = distributed.environment(tc.device, tc.dtype)     # 1) who we are: rank, world, device
-    tc, mcfg, tok_files, save_dtype = check(tc, env)        # 2) every flag and file, before any memory is set up
+    tc, mcfg, tok_files, save_dtype, notes = check(tc, env)  # 2) every flag and file, before any memory is set up
     rundir.claim(tc, env, cleanup)                          # 3) --out locked, the process group made
     model = allocate(mcfg, tc, env)                         # 4) model, optimizer, data
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
@@ -275,6 +275,8 @@ def run(argv, cleanup):
     start = rundir.resume(model, optimizer, tc, env)
     n_params, flops_per_token, peak = flops(model, mcfg, tc.seq_len, env.device)
     if env.master:
+        for line in notes:  # which L a new RoPE method scales from, when config.json does not say it
+            print(line, file=sys.stderr)
         print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="
               f"{mcfg.rope.original_max_position_embeddings}, seq_len {tc.seq_len}, {env.world} process(es) x "
               f"{tc.batch_size // (env.world * tc.micro_batch)} micro-steps x {tc.micro_batch} = {tc.batch_size} "

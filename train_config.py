@@ -3,7 +3,7 @@ train.py's flags, and every check of them against the checkpoint and the data, m
 process group or memory is set up: the guard in front of the recipe.
 
     tc = parse_args(argv)                      # TrainConfig: one field per flag, `train.py --help` lists them
-    tc, mcfg, tok_files, dtype = check(tc, env)  # the defaults filled in, the model's config, or a UserError
+    tc, mcfg, tok_files, dtype, notes = check(tc, env)  # the defaults filled in, the model's config, or a UserError
 
 A value that would train silently wrong (a negative clip ascends the loss, lr inf exports NaN, batch 0
 trains nothing) is refused like one that would crash: one line, exit code 2 (common.one_line_errors).
@@ -19,7 +19,7 @@ import torch
 
 import rundir
 from checkpoint import read_config
-from common import ArgumentParser, UserError, print0, reading
+from common import ArgumentParser, UserError, reading
 from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
@@ -98,18 +98,19 @@ def parse_args(argv, description=None):
 
 def check(tc, env):
     """Everything the user gave, before any process group or memory is set up. Returns the config with
-    its defaults filled in, the model config, the tokenizer files to ship, and the dtype of the output."""
+    its defaults filled in, the model config, the tokenizer files to ship, the dtype of the output, and
+    notes for the user (printed once every check has passed: which L a new RoPE method scales from)."""
     if not tc.init or not tc.data:
         raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
     check_flags(tc)
     check_writable(tc.out, "--out")
-    tc, mcfg, tok_files = resolve(tc, env.world)
+    tc, mcfg, tok_files, notes = resolve(tc, env.world)
     rundir.check_out(tc)
     if env.device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device")
     # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
     hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
-    return tc, mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    return tc, mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32"), notes
 
 
 def check_flags(tc):
@@ -146,16 +147,16 @@ def check_flags(tc):
 
 def resolve(tc, world):
     """The defaults that depend on the checkpoint and the data, and what cannot work with them. Returns
-    the config with its defaults filled in, the model config and the tokenizer files to ship."""
+    the config with its defaults filled in, the model config, the tokenizer files to ship and notes."""
     if tc.yarn_scale is not None:
         tc = replace(tc, rope="yarn", rope_factor=tc.yarn_scale)
     if tc.rope not in (None, "none") and tc.rope_factor is None:
         raise UserError(f"--rope {tc.rope} needs --rope-factor")
     meta = reading(read_meta, tc.data)
     if tc.init == "scratch":
-        mcfg, tok_files = scratch_model(tc, meta)
+        mcfg, tok_files, notes = scratch_model(tc, meta)
     else:
-        mcfg, tok_files = pretrained_model(tc, meta)
+        mcfg, tok_files, notes = pretrained_model(tc, meta)
     json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     rope = mcfg.rope
     tc = replace(tc, seq_len=tc.seq_len or int(rope.factor * rope.original_max_position_embeddings))
@@ -174,7 +175,7 @@ def resolve(tc, world):
                  ("selective" if tc.seq_len >= 2048 else "none"))
     for file in tok_files:
         check_side_file(file)
-    return tc, mcfg, tok_files
+    return tc, mcfg, tok_files, notes
 
 
 def scratch_model(tc, meta):
@@ -188,7 +189,7 @@ def scratch_model(tc, meta):
         raise UserError("--init scratch needs --seq-len (or --original-ctx)")
     rope = RopeConfig(method=tc.rope or "none", theta=tc.rope_theta, head_dim=tc.n_embd // tc.n_head,
                       factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
-    return scratch_config(tok, tc.n_layer, tc.n_embd, tc.n_head, tc.n_kv_head, tc.intermediate_size, rope), list(tok.files)
+    return scratch_config(tok, tc.n_layer, tc.n_embd, tc.n_head, tc.n_kv_head, tc.intermediate_size, rope), list(tok.files), []
 
 
 def scratch_config(tok, n_layer, n_embd, n_head, n_kv_head=None, intermediate_size=None, rope=None):
@@ -205,6 +206,7 @@ def pretrained_model(tc, meta):
     dataset's, for a checkpoint without one), each checked against the data's vocabulary."""
     base = LlamaConfig.from_pretrained(tc.init)
     Llama.check_checkpoint(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
+    notes = []
     if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
         rope = base.rope.replace(original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
     else:  # a new method scales from the context the model was pretrained at: said in one line unless config.json says it
@@ -212,9 +214,7 @@ def pretrained_model(tc, meta):
         rope = RopeConfig(method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
                           factor=tc.rope_factor if tc.rope != "none" else 1.0,
                           original_max_position_embeddings=tc.original_ctx or L)
-        for line in (None if tc.original_ctx else note, replaced_scaling_note(base.rope, rope)):
-            if line:
-                print0(line)
+        notes = [n for n in (None if tc.original_ctx else note, replaced_scaling_note(base.rope, rope)) if n]
     mcfg = replace(base, rope=rope)
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
     data_vocab = meta["vocab_size"]
@@ -230,7 +230,7 @@ def pretrained_model(tc, meta):
     if data_vocab > mcfg.vocab_size:
         raise UserError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
                         f"the model's vocabulary is {mcfg.vocab_size}")
-    return mcfg, tok_files
+    return mcfg, tok_files, notes
 
 
 def check_side_file(file):

@@ -5,13 +5,31 @@ does (a projection of one row, one query over a KV cache, a prefill chunk after 
 Each gives the same results as the plain PyTorch it replaces; tests/test_model.py and
 tests/test_bench.py check that, and bench/bench.py measures the speed.
 
-    from fastpaths import ChunkedCrossEntropy, Linear, cache_attention
+    from fastpaths import Linear, cache_attention, chunked_cross_entropy
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+
+def chunked_cross_entropy(h, targets, lm_head, reduction="mean"):
+    """Cross-entropy of lm_head(h) without ever holding the (B*T, V) fp32 logits: the vocabulary projection
+    runs over chunks of rows; with gradients, ChunkedCrossEntropy finds them in the same pass.
+    h (B, T, C), targets (B, T) with -100 = not scored; reduction "mean" or "sum"."""
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    rows = max(256, (1 << 26) // lm_head.out_features)  # ~256 MiB of fp32 logits per chunk
+    if torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad):
+        total = ChunkedCrossEntropy.apply(h, lm_head.weight, targets, rows)
+    else:
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.size(0), rows):
+            total = total + F.cross_entropy(lm_head(h[s:s + rows]).float(), targets[s:s + rows], ignore_index=-100,
+                                            reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from checkpoint import CheckpointError, check_tensors, read_config, read_tensors, save  # noqa: F401 (CheckpointError: for users)
 from hf_config import check_config, config_from_hf, config_to_hf
-from fastpaths import ChunkedCrossEntropy, Linear, cache_attention  # Linear: nn.Linear, faster for one row on a CPU
+from fastpaths import Linear, cache_attention, chunked_cross_entropy  # Linear: nn.Linear, faster for one row on a CPU
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
 
 
@@ -254,8 +254,8 @@ class Llama(nn.Module):
         else:
             self._write_tokens(idx, pos)
             h = self._hidden(idx, pos, self.cache)
-        if targets is not None:
-            return self.chunked_loss(h, targets, reduction)
+        if targets is not None:  # in chunks of rows: the (B*T, V) fp32 logits never exist (fastpaths.py)
+            return chunked_cross_entropy(h, targets, self.lm_head, reduction)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
@@ -275,25 +275,6 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, pos)
         return self.model.norm(x)
-
-    def chunked_loss(self, h, targets, reduction="mean"):
-        """Cross-entropy without ever holding the (B*T, V) fp32 logits: the vocabulary projection runs
-        over chunks of rows; with gradients, ChunkedCrossEntropy finds them in the same pass."""
-        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        rows = max(256, (1 << 26) // self.config.vocab_size)  # ~256 MiB of fp32 logits per chunk
-        weight = self.lm_head.weight
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = ChunkedCrossEntropy.apply(h, weight, targets, rows)
-        else:
-            total = h.new_zeros((), dtype=torch.float32)
-            for s in range(0, h.size(0), rows):
-                total = total + self._ce_sum(h[s:s + rows], targets[s:s + rows])
-        if reduction == "sum":
-            return total
-        return total / (targets != -100).sum().clamp(min=1)
-
-    def _ce_sum(self, h, targets):
-        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction="sum")
 
     # ---- KV cache for generation ------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import distributed
 from checkpoint import CHECKPOINT_FILE, CheckpointError
 from common import UserError
-from publish import move_into, publish_dir, remove_dir, stage_dir, write_json
+from publish import move_into, new_file, publish_dir, remove_dir, stage_dir, write_json
 
 METRICS = "metrics.jsonl"
 EXPORT = ".export"  # the export, complete, before publish_export moves it into out
@@ -122,9 +122,17 @@ def resume(model, optimizer, tc, env):
     log_path = os.path.join(tc.out, METRICS)
     if env.master:
         lines = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start)
+        with new_file(log_path) as f:
+            f.writelines(line + "\n" for line in lines if logged_step(line) <= start)
     return start
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 def local(t):

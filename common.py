@@ -88,24 +88,47 @@ def attention_backends(device, dtype):
 
 # ---- the RoPE method of --rope ------------------------------------------------------------------------
 
-def rope_config(base, method="model", factor=None, target_len=None):
+def rope_config(base, method="model", factor=None, target_len=None, L=None):
     """The RopeConfig for `method` on a checkpoint whose own is `base`: "model" keeps the checkpoint's
     (with `factor` if given), "none" is plain RoPE; any other method of rope.py keeps the checkpoint's
-    theta and original length L. Static methods default to factor target_len / L, so they reach the
-    context asked for; dynamic ones to 1 (they scale with the text). Raises UserError."""
+    theta. L (default: the checkpoint's) is the original context it scales from. Static methods default
+    to factor target_len / L, so they reach the context asked for; dynamic ones to 1 (they scale with the
+    text). Raises UserError."""
+    L = L or base.original_max_position_embeddings
     if method == "model":
         if factor is not None and base.method == "none":
             raise UserError("--rope-factor needs a --rope METHOD: this checkpoint uses plain RoPE")
-        return base if factor is None else checked(base.replace, factor=float(factor))
+        if factor is None and L == base.original_max_position_embeddings:
+            return base
+        return checked(base.replace, factor=float(factor or base.factor), original_max_position_embeddings=L)
     if method not in METHODS:
         raise UserError(f"unknown RoPE method {method!r}; choose model or one of {', '.join(METHODS)}")
-    fresh = dict(attention_factor=None, mscale=None, mscale_all_dim=None)  # the old method's own knobs
+    fresh = dict(attention_factor=None, mscale=None, mscale_all_dim=None, original_max_position_embeddings=L)
     if method == "none":
         return base.replace(method="none", factor=1.0, **fresh)
     if factor is None:
-        L = base.original_max_position_embeddings
         factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
     return checked(base.replace, method=method, factor=float(factor), **fresh)
+
+
+def original_context(model_dir, base, method, original_ctx=None):
+    """(L, notes): the context a command's --rope METHOD scales from, on the checkpoint `model_dir` whose
+    own RoPE is `base`: --original-ctx if given; the checkpoint's own L for --rope model; else the context
+    it was pretrained at (hf_config.pretraining_context), with the line that says so when config.json
+    does not."""
+    if original_ctx:
+        return original_ctx, []
+    if method == "model":
+        return base.original_max_position_embeddings, []
+    from checkpoint import read_config  # both import UserError from here
+    from hf_config import pretraining_context
+    L, note = pretraining_context(read_config(model_dir), base)
+    return L, [note] if note else []
+
+
+def reach(rope):
+    """s * L: how far a method is meant to reach."""
+    return int(rope.factor * rope.original_max_position_embeddings)
 
 
 def checked(replace, **kw):

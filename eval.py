@@ -59,7 +59,8 @@ import torch
 from tqdm import tqdm
 
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
-                    pick_device, pick_dtype, reading, rope_config)
+                    original_context, pick_device, pick_dtype, reading, rope_config)
+from hf_config import replaced_scaling_note
 from data import passkey
 from model import Llama, LlamaConfig
 import report
@@ -186,6 +187,9 @@ def parse_args(argv):
                              "checkpoint's own)")
     common.add_argument("--rope-factor", type=float, default=None, metavar="S",
                         help="factor of --rope specs without one (default: longest length / L for static methods)")
+    common.add_argument("--original-ctx", type=int, default=None, metavar="L",
+                        help="L, the context the checkpoint was pretrained at, which a --rope METHOD scales from "
+                             "(default: its config.json's, said in one line when it names none)")
     common.add_argument("--json", default=None, metavar="OUT",
                         help="write the results as JSON here (and a PNG plot next to it)")
     common.add_argument("--plot", default=None, metavar="PNG",
@@ -238,13 +242,19 @@ def check_args(args):
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
             report.check_output(path, flag)
+    if args.original_ctx is not None and args.original_ctx < 1:
+        raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     cfg = LlamaConfig.from_pretrained(args.model)
     specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
-    ropes = [rope_config(cfg.rope, m, f, lengths[-1]) for m, f in specs]
+    ropes, notes = [], []
+    for method, factor in specs:
+        L, why = original_context(args.model, cfg.rope, method, args.original_ctx)
+        ropes.append(rope_config(cfg.rope, method, factor, lengths[-1], L))
+        notes += [n for n in why + [replaced_scaling_note(cfg.rope, ropes[-1])] if n and n not in notes]
     labels = [("model: " if m == "model" else "") + describe(r) for (m, _), r in zip(specs, ropes)]
     if args.label:
         labels = [f"{args.label}, {x}" for x in labels]
-    return cfg, ropes, labels
+    return cfg, ropes, labels, notes
 
 
 def read_documents(args, cfg):
@@ -314,10 +324,12 @@ def main(argv=None):
         args = parse_args(argv)
         if args.task == "report":
             return report.report(args.files, args.out)
-        cfg, ropes, labels = check_args(args)
+        cfg, ropes, labels, notes = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         inputs = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
+        for line in notes:  # which L a --rope METHOD scales from, when config.json does not say it
+            note(line)
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         with attention_backends(device, dtype):
             results = run(args, model, ropes, labels, inputs, device)

@@ -39,12 +39,14 @@ def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, generator=None,
-             on_token=None, eos_id=None, chunk_size=None, decode_step=None):
+             on_token=None, eos_id=None, chunk_size=None, decode_step=None, vocab=None):
     """Prefill prompt_ids (a list of ints) into the KV cache in chunks, then sample one token at a time.
     Uses the cache set up by model.setup_cache (one is made for prompt + max_new_tokens if there is none);
     generation stops early at eos_id or when the cache is full. on_token(token, logits) is called for each
     new token with the fp32 logits (V,) it was drawn from. decode_step: model.compile_decode()'s, to
-    decode through the fixed-shape step (default: the eager path). Returns (new token ids, Timing)."""
+    decode through the fixed-shape step (default: the eager path). vocab: the tokenizer's size, when the
+    model has more rows (Qwen2.5 7B: 152,064 for 151,665 tokens): padding is never drawn, and on_token sees
+    the logits of real tokens only. Returns (new token ids, Timing)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
     P = idx.size(1)
@@ -58,6 +60,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=
     logits = model.prefill(idx, chunk_size)[0, -1]  # (V,)
     out = []
     for i in range(max_new_tokens):
+        logits = logits[:vocab]
         token = sample_token(logits, temperature, top_k, top_p, generator)  # .item(): waits for the GPU
         if i == 0:
             t1 = time.perf_counter()

@@ -37,7 +37,8 @@ import time
 import torch
 
 from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
-                    pick_device, pick_dtype, reading, rope_config)
+                    original_context, pick_device, pick_dtype, reach, reading, rope_config)
+from hf_config import replaced_scaling_note
 from generation import check_sampling, generate, sync
 from model import Llama, LlamaConfig
 from rope import METHODS
@@ -120,7 +121,7 @@ def parse_args(argv):
     p.add_argument("--model", required=True, metavar="DIR",
                    help="checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--ctx", type=int, default=None,
-                   help="context length the KV cache is allocated for (default: the checkpoint's extended length)")
+                   help="context length the KV cache is allocated for (default: s*L of the RoPE method in force)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (default: start from BOS alone)")
     src.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 text file")
@@ -135,6 +136,9 @@ def parse_args(argv):
                    help=f"RoPE method to apply instead of the checkpoint's: model (its own), {', '.join(METHODS)}")
     p.add_argument("--rope-factor", type=float, default=None, metavar="S",
                    help="scale factor s of --rope (default: ctx / L for static methods, 1 for dynamic ones)")
+    p.add_argument("--original-ctx", type=int, default=None, metavar="L",
+                   help="L, the context the checkpoint was pretrained at, which --rope METHOD scales from "
+                        "(default: its config.json's, said in one line when it names none)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens per prefill forward pass (default 4096 on CUDA, 1024 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -147,17 +151,27 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """Everything that can be checked without reading the weights. Returns the checkpoint's config and
-    the context length."""
+    """Everything that can be checked without reading the weights. Returns the checkpoint's config."""
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.original_ctx is not None and args.original_ctx < 1:
+        raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     cfg = LlamaConfig.from_pretrained(args.model)
     if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
         raise UserError(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
-    return cfg, args.ctx or cfg.context_length
+    return cfg
+
+
+def choose_rope(args, cfg):
+    """The RoPE method of --rope over the L it scales from, the context (--ctx, else s*L of that method),
+    and the lines that say where L comes from when config.json does not (printed once the checks pass)."""
+    L, notes = original_context(args.model, cfg.rope, args.rope, args.original_ctx)
+    rope = rope_config(cfg.rope, args.rope, args.rope_factor, args.ctx or cfg.context_length, L)
+    notes += [n for n in [replaced_scaling_note(cfg.rope, rope)] if n]
+    return rope, args.ctx or reach(rope), notes
 
 
 def read_prompt(args, tok, cfg, ctx):
@@ -188,13 +202,14 @@ def check_memory(cfg, ctx, dtype, device):
     if have and need > have:
         raise UserError(f"the KV cache for --ctx {ctx} takes {need / 2**30:.1f} GiB, more than the "
                         f"{have / 2**30:.1f} GiB of {device}: lower --ctx")
-    if ctx > cfg.context_length:
-        note(f"note: --ctx {ctx} exceeds the {cfg.context_length} tokens this checkpoint was extended to "
-             f"({describe(cfg.rope)}); continuing")
 
 
-def load(args, rope, ctx, device, dtype, prompt_len):
+def load(args, rope, ctx, device, dtype, prompt_len, notes):
     """The weights, then the KV cache for the whole context, once."""
+    for line in notes:
+        note(line)
+    if ctx > reach(rope) and not rope.is_dynamic:
+        note(f"note: --ctx {ctx} exceeds the {reach(rope)} tokens that {describe(rope)} reaches (s*L); continuing")
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     model.set_rope(rope)
     cfg = model.config
@@ -217,8 +232,9 @@ def run(args, model, tok, ids, ctx, device, dtype):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok, ids)
     with attention_backends(device, dtype):
-        new, timing = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               generator, on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk, decode_step=step)
+        new, timing = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+                               on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk, decode_step=step,
+                               vocab=tok.vocab_size)
     streamer.close()
     if len(new) < args.max_new_tokens and new[-1] != tok.eos_id:
         note(f"note: stopped after {len(new)} tokens: the KV cache of {ctx} tokens is full")
@@ -229,15 +245,15 @@ def run(args, model, tok, ids, ctx, device, dtype):
 def main(argv=None):
     with one_line_errors():
         args = parse_args(argv)
-        cfg, ctx = check_args(args)
+        cfg = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        rope = rope_config(cfg.rope, args.rope, args.rope_factor, ctx)
+        rope, ctx, notes = choose_rope(args, cfg)
         from data.tokenizer import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
         tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
         ids = read_prompt(args, tok, cfg, ctx)
         check_memory(cfg, ctx, dtype, device)
-        model = load(args, rope, ctx, device, dtype, len(ids))
+        model = load(args, rope, ctx, device, dtype, len(ids), notes)
         run(args, model, tok, ids, ctx, device, dtype)
 
 

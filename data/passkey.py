@@ -96,7 +96,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
                 for _ in range(trials):
                     key = passkey_key(rng, odd=True)  # training keys are even: none was seen in training
                     new, _ = generate(model, passkey_prompt(tokenizer, length, depth, key), PASSKEY_NEW_TOKENS,
-                                      temperature=0.0, eos_id=tokenizer.eos_id)
+                                      temperature=0.0, eos_id=tokenizer.eos_id, vocab=tokenizer.vocab_size)
                     correct += first_integer(tokenizer.decode(new)) == key
                     bar.update()
                 results[length][depth] = correct / trials

@@ -10,7 +10,8 @@ on one's own documents, in the manner of Llama 2's.
 
 What guards it: a missing tokenizer is a FileNotFoundError, a file that is not one a ValueError naming it
 (commands turn both into one line); the BOS and EOS ids of a tokenizer.json come from the checkpoint's
-configs, else from well-known tokens (special_id), else -1 (none).
+configs, else from well-known tokens (special_id), else -1 (none); and a tokenizer whose
+tokenizer_config.json says it adds no BOS (Qwen's) has none (adds_bos), whatever config.json names.
 """
 
 import io
@@ -78,12 +79,28 @@ def load_hf_tokenizer(path):
     except Exception as e:  # the Rust side raises a bare Exception on bad files
         raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e})") from None
     folder = os.path.dirname(path)
-    bos_id = special_id(tok, folder, "bos", BOS_TOKENS)
+    bos_id = special_id(tok, folder, "bos", BOS_TOKENS) if adds_bos(folder) else -1
     eos_id = special_id(tok, folder, "eos", EOS_TOKENS)
     files = [path]
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         files.append(os.path.join(folder, "tokenizer_config.json"))  # names BOS/EOS when the copy stands alone
     return Tokenizer(tok, tok.get_vocab_size(with_added_tokens=True), bos_id, eos_id, files)
+
+
+def adds_bos(folder):
+    """Whether transformers puts a BOS before the text with this tokenizer: tokenizer_config.json decides
+    when it says (add_bos_token, or a bos_token of null: Qwen2.5 and Qwen3, whose config.json still names
+    a bos_token_id that their tokenizer never adds)."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return True
+    if not isinstance(cfg, dict):
+        return True
+    if isinstance(cfg.get("add_bos_token"), bool):
+        return cfg["add_bos_token"]
+    return not ("bos_token" in cfg and cfg["bos_token"] is None)
 
 
 def special_id(tok, folder, kind, candidates):

@@ -192,7 +192,18 @@ def test_cli_streams_greedy_text(checkpoint, capsys):
     new, _ = generation.generate(model, ids, 12, eos_id=tok.eos_id)
     assert out == tok.decode(new) + "\n"
     assert "KV cache: 100 tokens" in err and "dynamic-yarn" in err and "tok/s" in err and "peak memory" in err
-    assert "exceeds the 32 tokens" in err  # --ctx 100 > L = 32: one note, and it went on
+    # dynamic YaRN scales with the text: --ctx 100 > L = 32 is what it is for, no note; where L comes from is said
+    assert "exceeds" not in err and "note: L = 32, the max_position_embeddings of config.json" in err
+    # a static method noted past its s*L, naming L and s in force (the override's, not the checkpoint's)
+    sample.main(["--model", checkpoint, "--ctx", "100", "--prompt", "the quick brown", "--temperature", "0",
+                 "--max-new-tokens", "2", "--rope", "yarn", "--rope-factor", "2", *ON_CPU])
+    err = capsys.readouterr().err
+    assert "--ctx 100 exceeds the 64 tokens that yarn s=2 (L=32) reaches" in err
+    # without --ctx the cache is s*L of the method in force
+    sample.main(["--model", checkpoint, "--prompt", "the quick brown", "--temperature", "0",
+                 "--max-new-tokens", "2", "--rope", "yarn", "--rope-factor", "4", *ON_CPU])
+    err = capsys.readouterr().err
+    assert "KV cache: 128 tokens" in err and "exceeds" not in err
 
 
 def test_cli_compiled_decoding_gives_the_eager_tokens(checkpoint, capsys):

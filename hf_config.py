@@ -132,6 +132,8 @@ def config_to_hf(cfg, dtype=torch.float32):
 KNOWN_CONTEXTS = [
     (lambda hf: hf.get("model_type") == "qwen3" and hf.get("max_position_embeddings") == 40960, 32768,
      "Qwen3 was pretrained at 32768 tokens (its config's 40960 leaves room for 8192 generated ones)"),
+    (lambda hf: hf.get("model_type") == "qwen2" and hf.get("max_position_embeddings") == 131072, 32768,
+     "Qwen2 and Qwen2.5 were pretrained at 32768 tokens (their base configs say 131072)"),
     (lambda hf: hf.get("model_type") == "mistral" and hf.get("sliding_window") == 4096
      and hf.get("max_position_embeddings") == 32768, 8192,
      "Mistral 7B v0.1 was trained at 8192 tokens (with a 4096-token window; its config says 32768)"),

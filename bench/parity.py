@@ -7,6 +7,8 @@ How close are rope.py and model.py to Hugging Face transformers? Prints the wors
    head dims 64/128, bases 1e4/5e5, factors 2..64, original lengths 2048..8192 (and the yarn keys;
    longrope with random per-pair factors, at a length within L and one past it).
 2. Logits of a small random GQA model saved by us and loaded by transformers' LlamaForCausalLM, fp32.
+3. Logits of each family's checkpoint as transformers writes it (Qwen2, Qwen3, Mistral; every weight,
+   bias and norm random), loaded by us, with its own RoPE and with a YaRN override, fp32.
 """
 
 import itertools
@@ -96,7 +98,38 @@ def logits_parity():
         print(f"| {method} s={s:g} | {kv} | {tied} | {diff:.3g} | {diff / theirs.abs().max().item():.3g} |")
 
 
+def family_parity():
+    import transformers
+    print("\n| family | rope | max abs diff logits | max rel diff (vs max logit) |")
+    print("|---|---|---|---|")
+    classes = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}
+    for family, cls in classes.items():
+        extra = {"head_dim": 128} if family == "qwen3" else {}  # Qwen3: head_dim 2x hidden / heads, as Qwen3-0.6B
+        cfg = cls(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, **extra)
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            for rope, scaling in (("own (plain, theta 1e6)", ...), ("yarn s=4 (override)", yarn)):
+                m = Llama.from_pretrained(d, rope_scaling=scaling)
+                cfg = transformers.AutoConfig.from_pretrained(d)
+                if scaling is not ...:
+                    cfg.rope_parameters = {"rope_theta": 1e6, **yarn}
+                theirs = transformers.AutoModelForCausalLM.from_pretrained(d, config=cfg, dtype=torch.float32).eval()
+                idx = torch.randint(0, 1000, (1, 1024))
+                with torch.no_grad():
+                    a, b = m(idx), theirs(idx).logits
+                diff = (a - b).abs().max().item()
+                print(f"| {family} | {rope} | {diff:.3g} | {diff / b.abs().max().item():.3g} |")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     rope_parity()
     logits_parity()
+    family_parity()

@@ -11,6 +11,7 @@ torch.distributed beyond FSDP2 itself. torchrun sets RANK, LOCAL_RANK and WORLD_
 """
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -77,6 +78,29 @@ def broadcast_flag(flag, env):
     if env.world > 1:
         dist.broadcast(t, 0)
     return bool(t.item())
+
+
+def any_rank(flags, env):
+    """[flag or the same flag of any other rank, ...]: a decision all ranks take together (they must: one
+    rank saving while another trains would wait forever in their collectives)."""
+    if env.world == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+class StopRequest:
+    """SIGTERM, which Slurm, Kubernetes and torchrun send before they kill a job (torchrun forwards it to
+    every worker, and again if it gets it again), asks for a stop: `requested` becomes true, and the loop
+    finishes its step, writes a resumable checkpoint and exits. Restores the old handler via `cleanup`."""
+
+    def __init__(self, cleanup):
+        self.requested = False
+        cleanup.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, self._request))
+
+    def _request(self, signum, frame):
+        self.requested = True
 
 
 def run_and_exit(main, argv=None):

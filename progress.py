@@ -35,9 +35,16 @@ except ImportError:
 
 class Progress:
     def __init__(self, tc, env, start, flops_per_token, peak):
-        self.out, self.env = tc.out, env
+        self.out, self.env, self.steps = tc.out, env, tc.steps
         self.meter = StepMeter(tc.batch_size * tc.seq_len, env.device, env.world, flops_per_token, peak)
-        self.bar = tqdm(total=tc.steps, initial=start, disable=not env.master, unit="step", dynamic_ncols=True)
+        # in a terminal a bar; in a batch job's log (no terminal) a plain line every --log-every steps or
+        # --log-seconds, whichever comes first: step, loss, speed, MFU, elapsed time and ETA
+        self.plain = env.master and not sys.stderr.isatty()
+        self.bar = tqdm(total=tc.steps, initial=start, disable=not env.master or self.plain, unit="step",
+                        dynamic_ncols=True)
+        self.every, self.seconds = tc.log_every, tc.log_seconds
+        self.start, self.t0 = start, time.monotonic()
+        self.last_step, self.last_time = start, self.t0
         self.pending = None  # the last step's metrics, still device tensors
 
     def mark(self):
@@ -71,11 +78,30 @@ class Progress:
                 f.write(json.dumps(log) + "\n")
             self.bar.set_postfix({k: f"{log[k]:.4g}" for k in ("loss", "lr", "tokens_per_s", "mfu") if k in log})
             self.bar.update()
+            if self.plain:
+                self.line(log)
+
+    def line(self, log):
+        now, step = time.monotonic(), log["step"]
+        if step - self.last_step < self.every and now - self.last_time < self.seconds and step != self.steps:
+            return
+        elapsed = now - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.steps - step)
+        mfu = f"  MFU {log['mfu']:.1%}" if "mfu" in log else ""
+        print(f"step {step}/{self.steps}  loss {log['loss']:.4f}  {log['tokens_per_s']:,.0f} tokens/s{mfu}  "
+              f"elapsed {clock(elapsed)}  ETA {clock(eta)}", file=sys.stderr, flush=True)
+        self.last_step, self.last_time = step, now
 
     def close(self):
         self.bar.close()
         if self.env.master and self.meter.steps:
             print(self.meter.summary(), file=sys.stderr)
+
+
+def clock(seconds):
+    """h:mm:ss"""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StepMeter:

@@ -135,6 +135,22 @@ def logged_step(line):
         return float("inf")
 
 
+def check_resume(tc):
+    """--resume's checkpoint, before anything is allocated: its train_state.json against this run's flags,
+    and every rank's file readable. (load_state reads the tensors themselves later.)"""
+    if not (tc.resume and checkpoints(tc.out)):
+        return
+    from safetensors import safe_open
+    path = checkpoints(tc.out)[-1]
+    state = read_train_state(path, tc)
+    for r in range(state["world"]):
+        try:
+            with safe_open(os.path.join(path, f"rank-{r:05d}-of-{state['world']:05d}.safetensors"), framework="pt"):
+                pass
+        except Exception as e:  # missing, or damaged: safetensors has its own error types
+            raise CheckpointError(f"--resume: cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
 def local(t):
     """This rank's part of a tensor: its shard of a DTensor (FSDP2 splits dim 0), or all of a plain one."""
     return (t.to_local() if isinstance(t, DTensor) else t).detach().to("cpu").contiguous()

@@ -31,7 +31,9 @@ its lock, the resumable checkpoints), distributed.py (the process group), progre
 
 import math
 import os
+import signal
 import sys
+import time
 from contextlib import ExitStack, nullcontext
 
 import torch
@@ -47,7 +49,7 @@ from data.packed import PackedData
 from model import Llama
 from plan import flops
 from progress import Progress
-from train_config import check, parse_args
+from train_config import check, check_fits, parse_args, run_plan, save_interval
 
 
 # ---- 1) the model: built on meta, sharded, materialised, then filled ---------------------------------
@@ -166,14 +168,17 @@ def train_step(model, optimizer, train, order, step, tc, env, amp):
     return loss_sum, norm
 
 
-def train_loop(model, optimizer, data, tc, env, start, progress):
+def train_loop(model, optimizer, data, tc, env, start, progress, stop):
     """Steps start..tc.steps: the schedule, a step, its log line; a validation loss every --eval-every
-    steps and at the end, a resumable checkpoint every --save-every. Returns the last step's log."""
+    steps and at the end, a resumable checkpoint every --save-every (steps or minutes), and one at once
+    when SIGTERM asks for a stop (`stop`), after which the loop ends. Returns (the last step's log, the
+    step it stopped at, or None when it ran to the end)."""
     train, val = data
     order = BlockOrder(train.num_blocks(tc.seq_len), tc.seed)
     # without FSDP (one process on CPU): autocast gives bf16 compute on fp32 weights; FSDP's policy does it otherwise
     amp = (lambda: torch.autocast(env.device.type, torch.bfloat16)) if env.bf16 and not env.fsdp else nullcontext
-    log = None
+    save_steps, save_seconds = save_interval(tc)
+    log, last_save = None, time.monotonic()
     with attention_kernels(env.device):
         for step in range(start, tc.steps):
             t0 = progress.mark()
@@ -182,8 +187,12 @@ def train_loop(model, optimizer, data, tc, env, start, progress):
                 group["lr"] = lr
             loss, norm = train_step(model, optimizer, train, order, step, tc, env, amp)
             progress.step(step + 1, loss, norm, lr, t0)
-            evaluate_now = step + 1 == tc.steps or (tc.eval_every and (step + 1) % tc.eval_every == 0)
-            save_now = tc.save_every and (step + 1) % tc.save_every == 0
+            last = step + 1 == tc.steps
+            stopping, due = distributed.any_rank([stop.requested and not last,
+                                                  bool(save_seconds) and time.monotonic() - last_save >= save_seconds],
+                                                 env)
+            evaluate_now = last or (tc.eval_every and (step + 1) % tc.eval_every == 0 and not stopping)
+            save_now = stopping or due or (save_steps and (step + 1) % save_steps == 0)
             if evaluate_now or save_now:  # the log is complete up to this step before evaluating or saving
                 log = progress.flush()
                 if evaluate_now:
@@ -191,8 +200,12 @@ def train_loop(model, optimizer, data, tc, env, start, progress):
                 progress.write(log)
                 if save_now:
                     save(model, optimizer, tc, step + 1, env, progress)
+                    last_save = time.monotonic()
+            if stopping:
+                progress.close()
+                return log, step + 1
     progress.close()
-    return log
+    return log, None
 
 
 def attention_kernels(device):
@@ -260,35 +273,49 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
 
 def main(argv=None):
     with one_line_errors(), ExitStack() as cleanup:  # what main holds (the lock on --out) is let go however it ends
-        run(argv, cleanup)
+        code = run(argv, cleanup)
+    if code:  # 143: stopped by SIGTERM, as a process killed by it would report
+        sys.exit(code)
 
 
 def run(argv, cleanup):
     tc = parse_args(argv, __doc__)
-    env = distributed.environment(tc.device, tc.dtype)     # 1) who we are: rank, world, device
+    env = distributed.environment(tc.device, tc.dtype)       # 1) who we are: rank, world, device
     tc, mcfg, tok_files, save_dtype, notes = check(tc, env)  # 2) every flag and file, before any memory is set up
-    rundir.claim(tc, env, cleanup)                          # 3) --out locked, the process group made
-    model = allocate(mcfg, tc, env)                         # 4) model, optimizer, data
+    plan = run_plan(tc, mcfg, env, save_dtype)              # 3) what it will cost: printed, and must fit
+    if env.master:
+        print("\n".join(notes + [plan.text()]), flush=True)
+    if tc.dry_run or env.device.type == "cuda":
+        check_fits(plan)
+    if tc.dry_run:
+        return 0
+    stop = distributed.StopRequest(cleanup)                 # SIGTERM: finish the step, checkpoint, exit
+    rundir.claim(tc, env, cleanup)                          # 4) --out locked, the process group made
+    model = allocate(mcfg, tc, env)                         # 5) model, optimizer, data
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=env.device.type == "cuda", foreach=None if env.device.type == "cuda" else True)
     data = PackedData(tc.data, "train"), PackedData(tc.data, "val")
     start = rundir.resume(model, optimizer, tc, env)
     n_params, flops_per_token, peak = flops(model, mcfg, tc.seq_len, env.device)
     if env.master:
-        for line in notes:  # which L a new RoPE method scales from, when config.json does not say it
-            print(line, file=sys.stderr)
-        print(f"{n_params / 1e6:.1f}M parameters, rope {mcfg.rope.method} x{mcfg.rope.factor:g} over L="
-              f"{mcfg.rope.original_max_position_embeddings}, seq_len {tc.seq_len}, {env.world} process(es) x "
+        print(f"{n_params / 1e6:.1f}M parameters, {env.world} process(es) x "
               f"{tc.batch_size // (env.world * tc.micro_batch)} micro-steps x {tc.micro_batch} = {tc.batch_size} "
               f"sequences per step{f', resuming at step {start}' if start else ''}", file=sys.stderr)
     progress = Progress(tc, env, start, flops_per_token, peak)
-    log = train_loop(model, optimizer, data, tc, env, start, progress)   # 5) the loop
-    export(model, mcfg, tc, tok_files, save_dtype, env)                  # 6) the Hugging Face checkpoint
-    if env.master:
-        val_loss = log["val_loss"] if log else None
-        print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""), file=sys.stderr)
+    log, stopped = train_loop(model, optimizer, data, tc, env, start, progress, stop)   # 6) the loop
+    if stopped:
+        if env.master:
+            print(f"stopped by SIGTERM after step {stopped}: a checkpoint is in {tc.out}/checkpoints; the same "
+                  "command with --resume continues", file=sys.stderr)
+    else:
+        export(model, mcfg, tc, tok_files, save_dtype, env)                  # 7) the Hugging Face checkpoint
+        if env.master:
+            val_loss = log["val_loss"] if log else None
+            print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""),
+                  file=sys.stderr)
     if dist.is_initialized():
         distributed.finish()
+    return 128 + signal.SIGTERM if stopped else 0
 
 
 if __name__ == "__main__":

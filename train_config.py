@@ -24,6 +24,7 @@ from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
 from model import CHECKPOINTING, Llama, LlamaConfig
+from plan import FITS, GIB, PEAK_BF16_FLOPS, Plan
 from publish import check_writable
 from rope import METHODS, RopeConfig
 
@@ -69,10 +70,20 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "
                                "left out of the reported speed)")
     # checkpoints and logging
-    save_every: int = arg(100, "write a resumable checkpoint every N steps (0: never)")
+    save_every: str = arg("100", "write a resumable checkpoint every N steps, or every N minutes with Nm (30m) or "
+                                 "hours with Nh; 0: never (SIGTERM still writes one)", str)
     resume: bool = arg(False, "continue from the last checkpoint in --out")
     eval_every: int = arg(0, "validation loss every N steps (0: only at the end)")
     eval_blocks: int = arg(8, "validation sequences per evaluation")
+    log_every: int = arg(10, "without a terminal (a batch job's log): a progress line every N steps, or every "
+                             "--log-seconds, whichever comes first")
+    log_seconds: float = arg(60.0, "see --log-every")
+    # the plan: memory, tokens, disk and time, before anything is read
+    dry_run: bool = arg(False, "print the plan (memory per GPU by part, tokens, disk, time) and exit: 0 if it "
+                               "fits, 2 if not; reads config.json only, no weights, no data")
+    gpus: int = arg(None, "plan for this many GPUs (default: this run's processes)", int)
+    gpu_memory: float = arg(None, "plan for GPUs of this many GiB (default: this machine's GPU)", float)
+    mfu: float = arg(0.4, "the model FLOPs utilisation the plan's time estimate assumes")
     # --init scratch: the model's shape (the vocabulary is the tokenizer's)
     tokenizer: str = arg(None, "scratch: tokenizer file or directory (default: the dataset's)", str)
     n_layer: int = arg(6, "scratch: layers")
@@ -99,18 +110,51 @@ def parse_args(argv, description=None):
 def check(tc, env):
     """Everything the user gave, before any process group or memory is set up. Returns the config with
     its defaults filled in, the model config, the tokenizer files to ship, the dtype of the output, and
-    notes for the user (printed once every check has passed: which L a new RoPE method scales from)."""
-    if not tc.init or not tc.data:
+    notes for the user (printed once every check has passed: which L a new RoPE method scales from).
+    A dry run reads config.json alone (a scratch model: the dataset's meta.json): no weights, no data."""
+    if not tc.init or not (tc.data or tc.dry_run and tc.init != "scratch"):
         raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
     check_flags(tc)
-    check_writable(tc.out, "--out")
+    if not tc.dry_run:
+        check_writable(tc.out, "--out")
     tc, mcfg, tok_files, notes = resolve(tc, env.world)
-    rundir.check_out(tc)
-    if env.device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device")
+    if not tc.dry_run:
+        rundir.check_out(tc)
+        rundir.check_resume(tc)
+        if env.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda, but torch sees no CUDA device")
     # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
     hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
-    return tc, mcfg, tok_files, getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32"), notes
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise UserError(f"{tc.init}/config.json: torch_dtype {dtype!r} is not a torch dtype")
+    return tc, mcfg, tok_files, getattr(torch, dtype), notes
+
+
+def run_plan(tc, mcfg, env, save_dtype):
+    """The plan (plan.py) of this run: for --gpus/--gpu-memory if given, else for the GPUs it runs on, or
+    for its CPU processes (each with its share of the machine's memory, no time estimate)."""
+    gpu = tc.gpus is not None or tc.gpu_memory is not None or env.device.type == "cuda"
+    cuda = env.device.type == "cuda" and torch.cuda.is_available()
+    if tc.gpu_memory:
+        memory = tc.gpu_memory * GIB
+    elif cuda:
+        memory = torch.cuda.get_device_properties(env.device).total_memory
+    elif gpu:
+        raise UserError("--gpus: give --gpu-memory GiB too (no GPU here to read it from)")
+    else:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / env.world
+    name = torch.cuda.get_device_name(env.device) if cuda else "H100"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if gpu else None
+    return Plan(mcfg, tc.seq_len, tc.activation_checkpointing, tc.batch_size, tc.steps, tc.gpus or env.world, memory,
+                bf16=tc.dtype == "bf16" or (tc.dtype == "auto" and gpu), peak_flops=peak, mfu=tc.mfu,
+                device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize)
+
+
+def check_fits(plan):
+    if not plan.fits:
+        raise UserError(f"the plan needs {plan.total / GIB:.1f} GiB per {plan.device}, more than {FITS:.0%} of its "
+                        f"{plan.memory / GIB:.0f} GiB: {plan.hint()}")
 
 
 def check_flags(tc):
@@ -128,8 +172,14 @@ def check_flags(tc):
                             f"got {value}")
 
     at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
-             "intermediate_size", "original_ctx")
-    at_least(0, "warmup", "save_every", "eval_every")
+             "intermediate_size", "original_ctx", "gpus", "log_every")
+    at_least(0, "warmup", "eval_every")
+    save_interval(tc)
+    finite("log_seconds", 0)
+    finite("gpu_memory", 0, above=True)
+    finite("mfu", 0, above=True)
+    if tc.mfu > 1:
+        raise UserError(f"--mfu is a fraction of the GPU's peak, at most 1, got {tc.mfu}")
     finite("yarn_scale", 1)
     finite("rope_factor", 1)
     finite("lr", 0, above=True)
@@ -152,19 +202,20 @@ def resolve(tc, world):
         tc = replace(tc, rope="yarn", rope_factor=tc.yarn_scale)
     if tc.rope not in (None, "none") and tc.rope_factor is None:
         raise UserError(f"--rope {tc.rope} needs --rope-factor")
-    meta = reading(read_meta, tc.data)
     if tc.init == "scratch":
-        mcfg, tok_files, notes = scratch_model(tc, meta)
+        mcfg, tok_files, notes = scratch_model(tc, reading(read_meta, tc.data))
     else:
-        mcfg, tok_files, notes = pretrained_model(tc, meta)
+        mcfg, notes = pretrained_config(tc)
+        tok_files = [] if tc.dry_run else checkpoint_files(tc, mcfg, reading(read_meta, tc.data))
     json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     rope = mcfg.rope
     tc = replace(tc, seq_len=tc.seq_len or int(rope.factor * rope.original_max_position_embeddings))
     if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
         raise UserError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
-    train = reading(PackedData, tc.data, "train")
-    if train.num_blocks(tc.seq_len) < 1:
-        raise UserError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
+    if not tc.dry_run:
+        train = reading(PackedData, tc.data, "train")
+        if train.num_blocks(tc.seq_len) < 1:
+            raise UserError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
     if tc.batch_size % (world * tc.micro_batch):
         raise UserError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
                         f"--micro-batch {tc.micro_batch}")
@@ -201,11 +252,9 @@ def scratch_config(tok, n_layer, n_embd, n_head, n_kv_head=None, intermediate_si
                        eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope or RopeConfig())
 
 
-def pretrained_model(tc, meta):
-    """--init CHECKPOINT: its config with the RoPE method of the flags, and its tokenizer files (or the
-    dataset's, for a checkpoint without one), each checked against the data's vocabulary."""
+def pretrained_config(tc):
+    """--init CHECKPOINT: its config (config.json alone) with the RoPE method of the flags, and notes."""
     base = LlamaConfig.from_pretrained(tc.init)
-    Llama.check_checkpoint(base, tc.init)  # no weights, only pickles, or other shapes: fail now, before allocating
     notes = []
     if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
         rope = base.rope.replace(original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
@@ -215,7 +264,13 @@ def pretrained_model(tc, meta):
                           factor=tc.rope_factor if tc.rope != "none" else 1.0,
                           original_max_position_embeddings=tc.original_ctx or L)
         notes = [n for n in (None if tc.original_ctx else note, replaced_scaling_note(base.rope, rope)) if n]
-    mcfg = replace(base, rope=rope)
+    return replace(base, rope=rope), notes
+
+
+def checkpoint_files(tc, mcfg, meta):
+    """--init CHECKPOINT's weights, checked from the file headers before anything is allocated, and its
+    tokenizer files (or the dataset's, for a checkpoint without one) against the data's vocabulary."""
+    Llama.check_checkpoint(mcfg, tc.init)  # no weights, only pickles, or other shapes: fail now
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
     data_vocab = meta["vocab_size"]
     try:
@@ -230,7 +285,7 @@ def pretrained_model(tc, meta):
     if data_vocab > mcfg.vocab_size:
         raise UserError(f"tokenizer/model vocab mismatch: the data has ids up to {data_vocab - 1}, "
                         f"the model's vocabulary is {mcfg.vocab_size}")
-    return mcfg, tok_files, notes
+    return tok_files
 
 
 def check_side_file(file):
@@ -248,3 +303,19 @@ def check_side_file(file):
     if not any(os.path.commonpath([target, root]) == root for root in allowed):
         raise UserError(f"{file} is a symbolic link to {target}, outside its checkpoint: refusing to copy it "
                         "(put the file itself there)")
+
+
+def save_interval(tc):
+    """--save-every as (steps, seconds): "100" is every 100 steps, "30m" every 30 minutes, "2h" every two
+    hours, "0" never (one of the two is None)."""
+    value, unit = tc.save_every.strip(), 1
+    if value[-1:] in ("m", "h"):
+        value, unit = value[:-1], 60 if value[-1] == "m" else 3600
+    try:
+        n = float(value) if unit > 1 else int(value)
+    except ValueError:
+        raise UserError(f"--save-every must be a number of steps, or of minutes (30m) or hours (2h), got "
+                        f"{tc.save_every!r}") from None
+    if not (math.isfinite(n) and n >= 0):
+        raise UserError(f"--save-every must be >= 0, got {tc.save_every}")
+    return (None, n * unit) if unit > 1 else (n, None)

@@ -262,7 +262,7 @@ def qwen_run(tmp_path_factory, request):
                        "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--warmup", "1", "--save-every", "0"],
                       nproc=nproc)
         assert r.returncode == 0, r.stderr[-3000:]
-        runs[nproc or 1] = (out, r.stderr)
+        runs[nproc or 1] = (out, r.stdout + r.stderr)  # the notes and the plan go to stdout
     return family, d, n, runs
 
 

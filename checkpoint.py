@@ -47,13 +47,14 @@ def read_config(path):
 
 
 def weight_files(path):
-    """The safetensors files of a checkpoint. Pickled weights (pytorch_model.bin, *.pt) are refused:
-    unpickling runs arbitrary code from the file."""
+    """(the safetensors files of a checkpoint, the index's {tensor: file name} or None for one file).
+    Pickled weights (pytorch_model.bin, *.pt) are refused: unpickling runs arbitrary code from the file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
             with open(index) as f:
-                names = list(json.load(f)["weight_map"].values())
+                weight_map = json.load(f)["weight_map"]
+            names = list(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {index}: {e}") from None
         for n in names:  # a shard is a file of this directory: no "../", no absolute path, no sub-folder
@@ -63,15 +64,20 @@ def weight_files(path):
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise CheckpointError(f"shard {missing[0]} listed in model.safetensors.index.json is missing")
-        return [os.path.join(path, n) for n in names]
+        return [os.path.join(path, n) for n in names], weight_map
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        return [single]
+        return [single], None
     pickles = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if pickles:
         raise CheckpointError(f"{path} holds only pickle weights ({pickles[0]}); refusing to unpickle "
                               "(it can run arbitrary code): convert the checkpoint to safetensors first")
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes a weight may have
+INT_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+              "U32": "uint32", "I64": "int64", "U64": "uint64"}
 
 
 def read_tensors(path, expected, tied=False, device="cpu", headers_only=False):
@@ -83,7 +89,8 @@ def read_tensors(path, expected, tied=False, device="cpu", headers_only=False):
     from safetensors import safe_open
     config = os.path.join(path, "config.json")
     needed = {n for n in expected if not (tied and n == "lm_head.weight")}
-    for file in weight_files(path):
+    files, weight_map = weight_files(path)
+    for file in files:
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
@@ -92,10 +99,17 @@ def read_tensors(path, expected, tied=False, device="cpu", headers_only=False):
                     if name not in expected:
                         raise CheckpointError(f"{os.path.basename(file)}: unexpected tensor {name!r} "
                                               f"(not a Llama weight: wrong architecture?)")
-                    shape = tuple(f.get_slice(name).get_shape())
+                    if weight_map is not None and weight_map.get(name) != os.path.basename(file):
+                        raise CheckpointError(f"{name} is in {os.path.basename(file)}, but the index puts it in "
+                                              f"{weight_map.get(name)}: a damaged or hand-edited checkpoint")
+                    shape, dtype = tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()
                     if shape != tuple(expected[name]):
                         raise CheckpointError(f"{file}: {name} has shape {shape}, {config} implies "
                                               f"{tuple(expected[name])}")
+                    if dtype not in FLOAT_DTYPES:  # an integer, boolean or float8 tensor is no weight: never cast it
+                        what = "a quantized float8" if dtype.startswith("F8") else "not floating point"
+                        raise CheckpointError(f"{os.path.basename(file)}: {name} is {INT_DTYPES.get(dtype, dtype)}, "
+                                              f"{what}: not a weight this model can use")
                     needed.discard(name)
                     if headers_only:
                         continue
@@ -155,8 +169,9 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
             total = sum(t.numel() * t.element_size() for t in state.values())
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
-        for src in extra_files:
-            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
+        for src in extra_files:  # a path, or (path, name in the checkpoint)
+            src, name = src if isinstance(src, tuple) else (src, os.path.basename(src))
+            shutil.copyfile(src, os.path.join(tmp, name))
         write_json(os.path.join(tmp, "config.json"), config_json)
     return path
 

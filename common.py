@@ -13,6 +13,7 @@ A bug is not a UserError: it keeps its traceback.
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 
@@ -39,6 +40,28 @@ def one_line_errors():
     except KeyboardInterrupt:
         print0("interrupted")
         sys.exit(130)
+    except BrokenPipeError:  # `| head`: the reader is gone; end quietly, as a Unix tool killed by SIGPIPE
+        quiet_stdout()
+        sys.exit(128 + 13)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        quiet_stdout()  # stdout may be the full file: nothing more goes there
+        print0(f"error: cannot write {e.filename or 'the output'}: {e.strerror}")
+        sys.exit(2)
+
+
+def quiet_stdout():
+    """Point stdout at /dev/null, so that the interpreter's last flush has nowhere to fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test's capture): nothing to flush there
+        pass
+
+
+def check_seed(seed, flag="--seed"):
+    if not 0 <= seed < 2**63:
+        raise UserError(f"{flag} must be in [0, 2^63), got {seed}")
 
 
 def print0(msg):

@@ -102,6 +102,11 @@ def perplexity(model, tokens, length, stride=None):
     return nll, count
 
 
+def exp(x):
+    """e^x, and inf past the largest float (a diverged model's perplexity is still a result)."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def load_documents(data, model_dir):
     """([(name, 1-D array of token ids, BOS first if there is one)], vocabulary size) from --data."""
     if len(data) == 1 and data[0].endswith(".bin"):
@@ -135,7 +140,7 @@ def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=No
             n, c = perplexity(model, ids.astype(np.int64), length, stride)
             nll, count = nll + n, count + c
         seconds = time.perf_counter() - t0
-        ppl = math.exp(nll / count) if count else None  # None: no document was long enough
+        ppl = exp(nll / count) if count else None  # None: no document was long enough
         out[length] = {"ppl": ppl, "nll": nll, "tokens": count, "docs": len(usable), "seconds": seconds}
         if usable:
             note(f"{desc} @ {length}: perplexity {ppl:.3f} over {len(usable)} documents, "
@@ -239,9 +244,7 @@ def check_args(args):
             raise UserError(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
     elif args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        if path:
-            report.check_output(path, flag)
+    report.check_outputs(args.json, args.plot, inputs=getattr(args, "data", None) or ())
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     cfg = LlamaConfig.from_pretrained(args.model)

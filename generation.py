@@ -25,7 +25,8 @@ def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     probability reaches top_p (nucleus sampling)."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # in float64, the largest at 0: a tiny temperature (1e-300: 0 in fp32) overflows nothing, and samples the argmax
+    logits = (logits.double() - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

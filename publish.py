@@ -146,6 +146,23 @@ def check_writable(path, flag):
         raise UserError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
+def check_target(path, flag, ours, what, inputs=()):
+    """The one rule for a file a command is about to write, checked before the work: `path` is new, or a
+    file of ours of the same kind (ours(path) says; `what` names the kind), and never one of the
+    command's `inputs`. Anything else (a checkpoint's config.json, a user's picture) is refused in one
+    line and stays as it is."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    if not os.path.exists(path):
+        return
+    if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs):
+        raise UserError(f"{flag} {path} is an input of this command: refusing to write over it")
+    if not ours(path):
+        raise UserError(f"{flag} {path} exists and is not {what}: refusing to replace it (give a new name, "
+                        "or move it away)")
+
+
 def umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -21,7 +21,7 @@ import textwrap
 import numpy as np
 
 from common import UserError, note
-from publish import check_writable, new_file, write_json
+from publish import check_target, new_file, write_json
 
 
 def write_run(run, json_path=None, plot_path=None):
@@ -44,7 +44,10 @@ def write_run(run, json_path=None, plot_path=None):
             rows = [[n] + [f"{r['accuracy'][str(n)][str(d)]:.0%}" for d in run["depths"]] for n in lengths]
             print(markdown_table(["length \\ depth"] + [f"{d:g}" for d in run["depths"]], rows) + "\n")
     if json_path:
-        write_json(json_path, run)
+        try:
+            write_json(json_path, run)
+        except OSError as e:  # a full disk after the whole evaluation: one line, and the table above stands
+            raise UserError(f"cannot write {json_path}: {e.strerror or e} (the results are the table above)") from None
         note(f"wrote {json_path}")
     plot = plot_path or (os.path.splitext(json_path)[0] + ".png" if json_path else None)
     if plot:
@@ -113,11 +116,21 @@ def pyplot():
     return plt
 
 
+MARKER = "yarn-from-scratch eval.py"  # in every plot we draw: what lets a later run replace it
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
 def save_figure(plt, fig, path):
-    """The figure in the format its file extension names (PNG without one), written through publish.new_file."""
+    """The figure in the format its file extension names (png, svg, pdf), written through publish.new_file,
+    with our marker in its metadata."""
+    fmt = plot_format(path)
     with new_file(path, "wb") as f:
-        fig.savefig(f, format=os.path.splitext(path)[1][1:] or None, dpi=120)
+        fig.savefig(f, format=fmt, dpi=120, metadata={"Software" if fmt == "png" else "Creator": MARKER})
     plt.close(fig)
+
+
+def plot_format(path):
+    return os.path.splitext(path)[1][1:].lower() or "png"
 
 
 def report(files, out=None):
@@ -125,7 +138,7 @@ def report(files, out=None):
     table and one plot: perplexity by length, or passkey accuracy by length (the mean over depths).
     Raises UserError for a file that is not such a run."""
     if out:
-        check_output(out, "--out")
+        check_outputs(table_path=out, inputs=files)
     runs = []
     for f in files:
         try:
@@ -139,6 +152,7 @@ def report(files, out=None):
             raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except ValueError as e:  # also json.JSONDecodeError
             raise UserError(f"{f}: {e}") from None
+    tell_apart(runs)
     if runs[0]["task"] == "passkey":
         return passkey_report(runs, out)
     lengths = sorted({n for r in runs for n in r["lengths"]})
@@ -153,6 +167,16 @@ def report(files, out=None):
             res["ppl"] = {str(n): res["ppl"].get(str(n), {"tokens": 0}) for n in lengths}
         write_report(out, table, lambda png: plot_ppl(results, lengths, png))
     return results
+
+
+def tell_apart(runs):
+    """Rows of different checkpoints that carry the same label (runs without --label) get the checkpoint's
+    name in front, so that no two rows of a table read the same."""
+    labels = [res["method"] for r in runs for res in r["results"]]
+    for r in runs:
+        for res in r["results"]:
+            if labels.count(res["method"]) > 1 and isinstance(r.get("model"), str):
+                res["method"] = f"{os.path.basename(os.path.normpath(r['model']))}: {res['method']}"
 
 
 def passkey_report(runs, out):
@@ -187,11 +211,45 @@ def write_report(out, table, plot):
 
 # ---- checks: what can be written, what can be read ----------------------------------------------------
 
-def check_output(path, flag):
-    """An output file: not a directory, in a directory we can write (checked before the evaluation)."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    check_writable(os.path.dirname(os.path.abspath(path)), flag)
+def check_outputs(json_path=None, plot_path=None, table_path=None, inputs=()):
+    """What eval.py is about to write, before the evaluation: each file new or one of ours of its kind
+    (publish.check_target), never an input; the plot in a format we draw."""
+    plot = plot_path or next((os.path.splitext(p)[0] + ".png" for p in (json_path, table_path) if p), None)
+    flag = "--plot" if plot_path else ("--json" if json_path else "--out")
+    if plot and plot_format(plot) not in PLOT_FORMATS:
+        raise UserError(f"--plot {plot}: a .{plot_format(plot)} file; plots are {', '.join(PLOT_FORMATS)}")
+    if json_path:
+        check_target(json_path, "--json", is_result, "a result of eval.py", inputs)
+    if table_path:
+        check_target(table_path, "--out", is_table, "a table of eval.py report", inputs)
+    if plot:
+        check_target(plot, flag + (f" (its plot {plot})" if not plot_path else ""), is_plot, "a plot eval.py drew",
+                     inputs)
+
+
+def is_result(path):
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and run.get("task") in ("ppl", "passkey") and isinstance(run.get("results"), list)
+
+
+def is_table(path):
+    try:
+        with open(path) as f:
+            return f.readline().startswith("| method \\ length |")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def is_plot(path):
+    try:
+        with open(path, "rb") as f:
+            return MARKER.encode() in f.read(1 << 24)
+    except OSError:
+        return False
 
 
 def check_run(run):
@@ -214,10 +272,10 @@ def check_run(run):
     if task == "ppl":
         for r in results:
             for n, cell in r["ppl"].items():
-                ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (
-                    cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and math.isfinite(cell["ppl"]))
+                ok = isinstance(cell, dict) and isinstance(cell.get("tokens"), int) and (  # inf: past floats
+                    cell["tokens"] == 0 or isinstance(cell.get("ppl"), (int, float)) and not math.isnan(cell["ppl"]))
                 if not ok:
-                    raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a finite number, "tokens": N}}')
+                    raise ValueError(f'{r["method"]} @ {n}: expected {{"ppl": a number, "tokens": N}}')
         return
     for r in results:
         for n in lengths:

@@ -53,6 +53,9 @@ def check_out(tc):
             raise UserError("--out must not be the --init checkpoint")
     if tc.resume is False and checkpoints(out):
         raise UserError(f"{out} holds checkpoints of an earlier run: add --resume, or pick another --out")
+    if tc.resume and not checkpoints(out) and os.path.isfile(os.path.join(out, "config.json")):
+        raise UserError(f"--resume: nothing to resume in {out}, which holds a finished run (its export, and no "
+                        "checkpoints): starting over would replace it; pick another --out")
 
 
 def claim(tc, env, cleanup):

@@ -36,12 +36,15 @@ import time
 
 import torch
 
-from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
-                    original_context, pick_device, pick_dtype, reach, reading, rope_config)
+from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, check_seed, describe, note,
+                    one_line_errors, original_context, pick_device, pick_dtype, reach, reading, rope_config)
 from hf_config import replaced_scaling_note
 from generation import check_sampling, generate, sync
 from model import Llama, LlamaConfig
 from rope import METHODS
+
+
+BYTES_PER_TOKEN = 64  # far above any tokenizer's average (about 4 characters a token for English)
 
 
 # ---- streaming the text -------------------------------------------------------------------------------
@@ -159,6 +162,7 @@ def check_args(args):
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
+    check_seed(args.seed)
     cfg = LlamaConfig.from_pretrained(args.model)
     if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
         raise UserError(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
@@ -178,9 +182,13 @@ def read_prompt(args, tok, cfg, ctx):
     """The prompt as token ids: BOS first when the tokenizer has one."""
     text = args.prompt or ""
     if args.prompt_file is not None:
+        limit = BYTES_PER_TOKEN * ctx  # read no further: a file past it (or endless, /dev/zero) cannot fit --ctx
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(limit + 1)
+            if len(text) > limit:
+                raise UserError(f"prompt file {args.prompt_file} is longer than --ctx {ctx} tokens can hold (more "
+                                f"than {limit} characters): give a shorter prompt or a larger --ctx")
         except FileNotFoundError:
             raise UserError(f"prompt file not found: {args.prompt_file}") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -19,7 +19,7 @@ import torch
 
 import rundir
 from checkpoint import read_config
-from common import ArgumentParser, UserError, reading
+from common import ArgumentParser, UserError, check_seed, checked, reading
 from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
@@ -31,6 +31,7 @@ from rope import METHODS, RopeConfig
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def arg(default, help, type=None, choices=None):
@@ -126,9 +127,10 @@ def check(tc, env):
     # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
     hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise UserError(f"{tc.init}/config.json: torch_dtype {dtype!r} is not a torch dtype")
-    return tc, mcfg, tok_files, getattr(torch, dtype), notes
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"{tc.init}/config.json: torch_dtype {dtype!r}: the export keeps the checkpoint's dtype, "
+                        f"one of {', '.join(EXPORT_DTYPES)}")
+    return tc, mcfg, shipped(tok_files), getattr(torch, dtype), notes
 
 
 def run_plan(tc, mcfg, env, save_dtype):
@@ -191,6 +193,7 @@ def check_flags(tc):
             raise UserError(f"--n-embd {tc.n_embd} must be --n-head {tc.n_head} times an even head dim")
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
+    check_seed(tc.seed)
     if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
 
@@ -238,8 +241,8 @@ def scratch_model(tc, meta):
     L = tc.original_ctx or (tc.seq_len and int(tc.seq_len / (tc.rope_factor or 1)))
     if not L:
         raise UserError("--init scratch needs --seq-len (or --original-ctx)")
-    rope = RopeConfig(method=tc.rope or "none", theta=tc.rope_theta, head_dim=tc.n_embd // tc.n_head,
-                      factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
+    rope = checked(RopeConfig, method=tc.rope or "none", theta=tc.rope_theta, head_dim=tc.n_embd // tc.n_head,
+                   factor=tc.rope_factor or 1.0, original_max_position_embeddings=L)
     return scratch_config(tok, tc.n_layer, tc.n_embd, tc.n_head, tc.n_kv_head, tc.intermediate_size, rope), list(tok.files), []
 
 
@@ -260,9 +263,9 @@ def pretrained_config(tc):
         rope = base.rope.replace(original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
     else:  # a new method scales from the context the model was pretrained at: said in one line unless config.json says it
         L, note = pretraining_context(read_config(tc.init), base.rope)
-        rope = RopeConfig(method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
-                          factor=tc.rope_factor if tc.rope != "none" else 1.0,
-                          original_max_position_embeddings=tc.original_ctx or L)
+        rope = checked(RopeConfig, method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
+                       factor=tc.rope_factor if tc.rope != "none" else 1.0,
+                       original_max_position_embeddings=tc.original_ctx or L)
         notes = [n for n in (None if tc.original_ctx else note, replaced_scaling_note(base.rope, rope)) if n]
     return replace(base, rope=rope), notes
 
@@ -319,3 +322,14 @@ def save_interval(tc):
     if not (math.isfinite(n) and n >= 0):
         raise UserError(f"--save-every must be >= 0, got {tc.save_every}")
     return (None, n * unit) if unit > 1 else (n, None)
+
+
+def shipped(files):
+    """(file, its name in the export): a tokenizer under the name readers look for (sample.py, eval.py,
+    transformers), whatever it was called on the command line; its side files under their own."""
+    def name(f):
+        base = os.path.basename(f)
+        if base.endswith(".model"):
+            return "tokenizer.model"
+        return base if base in TOKENIZER_FILES or not base.endswith(".json") else "tokenizer.json"
+    return [(f, name(f)) for f in files]

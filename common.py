@@ -75,17 +75,89 @@ def note(msg):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its errors as a UserError too (one line, instead of the usage text --help shows)."""
+    """argparse, with its errors as a UserError too (one line, instead of the usage text --help shows), and
+    help that shows each flag's default once."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UserError(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; "(default: X)" after a flag's help, unless the help already says its
+    default or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+# ---- the flags every command shares: one vocabulary ------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # the long spellings, accepted too
+
+
+def dtype_flag(value):
+    """--dtype: auto, bf16, fp16, fp32 (or bfloat16, float16, float32), as the short name."""
+    name = DTYPE_NAMES.get(value, value)
+    if name != "auto" and name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"choose auto, bf16, fp16 or fp32 (or bfloat16, float16, float32), "
+                                         f"got {value!r}")
+    return name
+
+
+def add_engine_flags(parser, what="weights and KV cache"):
+    """--device and --dtype, the same in every command."""
+    parser.add_argument("--device", default="auto", metavar="auto|cuda|cpu",
+                        help="where to run: cuda (or cuda:N), cpu; auto: cuda if there is one (default: auto)")
+    parser.add_argument("--dtype", default="auto", type=dtype_flag, metavar="auto|bf16|fp16|fp32",
+                        help=f"{what} dtype; auto: bf16 on CUDA, fp32 on CPU (default: auto)")
+
+
+def add_rope_flags(parser, repeatable=False):
+    """--rope METHOD, --rope-factor S, --yarn-scale S (= --rope yarn --rope-factor S), --original-ctx L: the same
+    in every command (eval.py's --rope takes METHOD:FACTOR too, and repeats: one row per method)."""
+    if repeatable:
+        parser.add_argument("--rope", action="append", default=None, metavar="METHOD[:S]",
+                            help="RoPE method, with its factor after a colon, repeatable: one table row each "
+                                 f"(default: model, the checkpoint's own; methods: {', '.join(METHODS)})")
+    else:
+        parser.add_argument("--rope", default="model", metavar="METHOD",
+                            help=f"RoPE method in place of the checkpoint's: model (its own), {', '.join(METHODS)}")
+    parser.add_argument("--rope-factor", type=float, default=None, metavar="S",
+                        help="scale s of --rope: the new context is s*L (default: the longest length asked / L for "
+                             "static methods, 1 for dynamic ones)")
+    parser.add_argument("--yarn-scale", type=float, default=None, metavar="S",
+                        help="the same as --rope yarn --rope-factor S")
+    parser.add_argument("--original-ctx", type=int, default=None, metavar="L",
+                        help="L, the context the checkpoint was pretrained at, which a --rope METHOD scales from "
+                             "(default: its config.json's, said in one line when it names none)")
+
+
+def yarn_scale(args):
+    """--yarn-scale S into --rope yarn --rope-factor S (one or the other)."""
+    if args.yarn_scale is None:
+        return
+    ropes = args.rope if isinstance(args.rope, list) else [args.rope]
+    if any(r not in (None, "model", "yarn") for r in ropes) or args.rope_factor not in (None, args.yarn_scale):
+        raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+    args.rope = "yarn" if isinstance(args.rope, str) else ["yarn"]  # eval.py's --rope is a list (one row a method)
+    args.rope_factor = args.yarn_scale
+
+
 # ---- device, dtype ------------------------------------------------------------------------------------
 
 def pick_device(name=None):
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(name)
     except RuntimeError as e:  # a name torch does not know
         raise UserError(str(e)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -96,7 +168,7 @@ def pick_device(name=None):
 def pick_dtype(name, device):
     if name in (None, "auto"):  # bf16 where it is fast and flash attention wants it, fp32 on CPU
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[DTYPE_NAMES.get(name, name)]
 
 
 def attention_backends(device, dtype):

@@ -28,7 +28,6 @@ generation.py's; what this file adds is the memory it takes, checked before anyt
 text streamed as it is generated.
 """
 
-import argparse
 import os
 import resource
 import sys
@@ -36,12 +35,12 @@ import time
 
 import torch
 
-from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, check_seed, describe, note,
-                    one_line_errors, original_context, pick_device, pick_dtype, reach, reading, rope_config)
+from common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_backends,
+                    check_seed, describe, note, one_line_errors, original_context, pick_device, pick_dtype, reach,
+                    reading, rope_config, yarn_scale)
 from hf_config import replaced_scaling_note
 from generation import check_sampling, generate, sync
 from model import Llama, LlamaConfig
-from rope import METHODS
 
 
 BYTES_PER_TOKEN = 64  # far above any tokenizer's average (about 4 characters a token for English)
@@ -119,37 +118,31 @@ def peak_memory(device):
 # ---- command line: parse, check, load, generate -------------------------------------------------------
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="context length the KV cache is allocated for (default: s*L of the RoPE method in force)")
-    src = p.add_mutually_exclusive_group()
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    model = p.add_argument_group("model and context")
+    model.add_argument("--model", required=True, metavar="DIR",
+                       help="checkpoint directory (config.json, safetensors, tokenizer)")
+    model.add_argument("--ctx", type=int, default=None,
+                       help="context length the KV cache is allocated for (default: s*L of the RoPE method in force)")
+    add_rope_flags(p.add_argument_group("RoPE"))
+    prompt = p.add_argument_group("prompt and sampling")
+    src = prompt.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (default: start from BOS alone)")
     src.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="tokens to generate (fewer if EOS comes or the cache fills)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
-    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampler")
-    p.add_argument("--rope", default="model", metavar="METHOD",
-                   help=f"RoPE method to apply instead of the checkpoint's: model (its own), {', '.join(METHODS)}")
-    p.add_argument("--rope-factor", type=float, default=None, metavar="S",
-                   help="scale factor s of --rope (default: ctx / L for static methods, 1 for dynamic ones)")
-    p.add_argument("--original-ctx", type=int, default=None, metavar="L",
-                   help="L, the context the checkpoint was pretrained at, which --rope METHOD scales from "
-                        "(default: its config.json's, said in one line when it names none)")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prompt tokens per prefill forward pass (default 4096 on CUDA, 1024 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile's fixed-shape step (a CUDA graph on GPUs); compiling takes "
-                        "a while up front, timed apart")
+    prompt.add_argument("--max-new-tokens", type=int, default=256,
+                        help="tokens to generate (fewer if EOS comes or the cache fills)")
+    prompt.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    prompt.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = all")
+    prompt.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: the smallest set of tokens with this much probability; 1 = all")
+    prompt.add_argument("--seed", type=int, default=1337, help="random seed of the sampler")
+    engine = p.add_argument_group("engine")
+    add_engine_flags(engine)
+    engine.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                        help="prompt tokens per prefill forward pass (default 4096 on CUDA, 1024 on CPU)")
+    engine.add_argument("--compile", action="store_true",
+                        help="decode with torch.compile's fixed-shape step (a CUDA graph on GPUs); compiling takes "
+                             "a while up front, timed apart")
     return p.parse_args(argv)
 
 
@@ -163,6 +156,7 @@ def check_args(args):
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     check_seed(args.seed)
+    yarn_scale(args)
     cfg = LlamaConfig.from_pretrained(args.model)
     if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
         raise UserError(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")

@@ -19,7 +19,7 @@ import torch
 
 import rundir
 from checkpoint import read_config
-from common import ArgumentParser, UserError, check_seed, checked, reading
+from common import ArgumentParser, UserError, check_seed, checked, dtype_flag, reading
 from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
@@ -54,8 +54,8 @@ class TrainConfig:
     batch_size: int = arg(64, "global batch in sequences, reached by gradient accumulation")
     micro_batch: int = arg(1, "sequences per forward pass on each process")
     lr: float = arg(None, "peak learning rate (default 2e-5 to fine-tune, 1e-3 from scratch)", float)
-    lr_schedule: str = arg(None, "after warmup: constant (the paper's, fine-tuning default) or cosine "
-                                 "to 10%% (scratch default)", str, ("constant", "cosine"))
+    lr_schedule: str = arg(None, "after warmup: constant (the paper's; the default to fine-tune) or cosine "
+                                 "to 10%% (the default from scratch)", str, ("constant", "cosine"))
     warmup: int = arg(20, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay (the paper uses none)")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
@@ -63,7 +63,8 @@ class TrainConfig:
     # engine
     device: str = arg("auto", "cuda (one GPU per process) or cpu; auto: cuda if there is one", str,
                       ("auto", "cuda", "cpu"))
-    dtype: str = arg("auto", "compute dtype: auto is bf16 on CUDA, fp32 on CPU", str, ("auto", "bf16", "fp32"))
+    dtype: str = arg("auto", "compute dtype: bf16 or fp32 (also bfloat16, float32); auto is bf16 on CUDA, fp32 "
+                             "on CPU (default: auto)", dtype_flag)
     activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
                                               "recompute all) or selective (input and attention outputs: "
                                               "recompute the rest); default selective from seq-len 2048, "
@@ -95,16 +96,32 @@ class TrainConfig:
     rope_theta: float = arg(10000.0, "scratch: RoPE base")
 
 
+# --help shows the flags in these groups, in this order
+GROUPS = {
+    "model and data": ("init", "data", "out"),
+    "RoPE: which method, over which original context L": ("yarn_scale", "rope", "rope_factor", "original_ctx", "seq_len"),
+    "optimisation (the paper's recipe)": ("steps", "batch_size", "micro_batch", "lr", "lr_schedule", "warmup",
+                                          "weight_decay", "grad_clip", "seed"),
+    "engine": ("device", "dtype", "activation_checkpointing", "compile"),
+    "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
+    "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu"),
+    "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
+                                                   "intermediate_size", "rope_theta"),
+}
+
+
 def parse_args(argv, description=None):
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = ArgumentParser(description=description, formatter_class=Formatter)
-    for f in fields(TrainConfig):
-        kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+    p = ArgumentParser(description=description)
+    spec = {f.name: f for f in fields(TrainConfig)}
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        for f in map(spec.get, names):
+            kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            else:
+                group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+                                   help=f.metadata["help"])
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -194,6 +211,9 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
+    if tc.dtype == "fp16":
+        raise UserError("--dtype fp16: training in fp16 needs loss scaling, which train.py does not do: use bf16 "
+                        "(the paper's), or fp32")
     if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
 

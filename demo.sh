@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The YaRN paper in miniature, on a CPU: data, a small base model, context extension with YaRN and with
-# Position Interpolation under equal training, the paper's perplexity comparison, passkey retrieval, and
-# sampling with a whole play as the prompt.
+# Position Interpolation under equal training, the paper's perplexity comparison, and sampling with a whole
+# play as the prompt.
 #
 #   bash demo.sh                 # the full demo (about 10 minutes on 2 CPU cores), into demo-out/
 #   bash demo.sh --quick         # the same pipeline with tiny sizes (a minute or two; the tests run it)
@@ -39,14 +39,14 @@ if [ "$quick" = 1 ]; then
   MODEL="--n-layer 2 --n-embd 64 --n-head 4 --n-kv-head 2"
   PRETRAIN="--steps 4 --batch-size 4 --micro-batch 4 --warmup 1"
   TUNE="--steps 2 --batch-size 4 --micro-batch 1 --warmup 1 --lr 1e-3"
-  LENGTHS=64,128,256 PASSKEY="--lengths 128,256 --depths 0.5 --trials 1" EVAL_DOCS=1
+  LENGTHS=64,128,256 EVAL_DOCS=1
 else
   out=${out:-demo-out}
   L=256 S=16 TUNE_LEN=1024 PROMPT_CHARS=0
   MODEL="--n-layer 4 --n-embd 192 --n-head 6 --n-kv-head 2"
   PRETRAIN="--steps 400 --batch-size 16 --micro-batch 16 --warmup 30 --lr 2e-3 --eval-every 100"
   TUNE="--steps 40 --batch-size 8 --micro-batch 1 --warmup 4 --lr 3e-4"
-  LENGTHS=256,512,1024,2048,4096 PASSKEY="--lengths 256,512,1024,2048,4096 --depths 0,0.5,1 --trials 4" EVAL_DOCS=3
+  LENGTHS=256,512,1024,2048,4096 EVAL_DOCS=3
 fi
 mkdir -p "$out/results"
 timings="$out/results/timings.md"
@@ -81,7 +81,7 @@ step "extend with YaRN, s=$S" "$out/yarn/config.json" \
 step "extend with PI (linear), s=$S" "$out/pi/config.json" \
   torchrun train.py --init "$out/base" --data "$out/data" --rope linear --rope-factor $S --seq-len $TUNE_LEN $TUNE --out "$out/pi" --resume
 
-# 5) perplexity on the held-out plays (whole plays truncated to each length), passkey retrieval
+# 5) perplexity on the held-out plays: the same plays at every length, each truncated to it (the paper's protocol)
 heldout="$out/data/val.bin"
 step "perplexity: the base model under each method, no fine-tuning" "$out/results/ppl-base.json" \
   "$PYTHON" eval.py ppl --model "$out/base" --label base --data "$heldout" --lengths $LENGTHS --max-docs $EVAL_DOCS \
@@ -93,19 +93,10 @@ step "perplexity: the PI-tuned model" "$out/results/ppl-pi.json" \
 step "perplexity: the YaRN-tuned model" "$out/results/ppl-yarn.json" \
   "$PYTHON" eval.py ppl --model "$out/yarn" --label YaRN-tuned --data "$heldout" --lengths $LENGTHS --max-docs $EVAL_DOCS \
     --json "$out/results/ppl-yarn.json"
-#    passkey retrieval at L, 2L, 4L, 8L and S*L of the base model under plain RoPE, YaRN and dynamic YaRN,
-#    and of both tuned models
-step "passkey: the base model, no fine-tuning" "$out/results/passkey-base.json" \
-  "$PYTHON" eval.py passkey --model "$out/base" --label base $PASSKEY --rope none --rope yarn:$S --rope dynamic-yarn \
-    --json "$out/results/passkey-base.json"
-step "passkey: the PI-tuned model" "$out/results/passkey-pi.json" \
-  "$PYTHON" eval.py passkey --model "$out/pi" --label PI-tuned $PASSKEY --json "$out/results/passkey-pi.json"
-step "passkey: the YaRN-tuned model" "$out/results/passkey-yarn.json" \
-  "$PYTHON" eval.py passkey --model "$out/yarn" --label YaRN-tuned $PASSKEY --json "$out/results/passkey-yarn.json"
 "$PYTHON" eval.py report "$out/results/ppl-base.json" "$out/results/ppl-pi.json" "$out/results/ppl-yarn.json" \
   --out "$out/results/ppl.md"
-"$PYTHON" eval.py report "$out/results/passkey-base.json" "$out/results/passkey-pi.json" \
-  "$out/results/passkey-yarn.json" --out "$out/results/passkey.md"
+#    no passkey step: this 2.4M-parameter base model does not retrieve a key even at L (0 of 12 in the last run
+#    that asked; docs/passkey.md), so the table would measure nothing; eval.py passkey is the test on a real model
 
 # 6) sampling from the YaRN model with a whole held-out play as the prompt (a cut of it in --quick)
 play=$(ls "$out/data/heldout/"*.txt | head -n 1)
@@ -120,7 +111,5 @@ echo "== done. Results in $out/results/:"
 ls "$out/results"
 echo
 cat "$out/results/ppl.md"
-echo
-cat "$out/results/passkey.md"
 echo
 cat "$timings"

@@ -7,12 +7,15 @@ config.json is user input). model.py's LlamaConfig calls these; rope.py translat
     json.dump(cfg.to_hf(torch.bfloat16), f)               # config_to_hf
 """
 
+import json
+import os
 import sys
 from dataclasses import fields, replace
 
 import torch
 
 from checkpoint import CheckpointError
+from publish import write_json
 from rope import RopeConfig, check_int, check_number
 
 # The families model.py runs, and what each changes in Llama's decoder. `defaults` are transformers'
@@ -165,3 +168,14 @@ def replaced_scaling_note(old, new):
     return (f"note: {new.method} s={new.factor:g} over L={new.original_max_position_embeddings} replaces this "
             f"checkpoint's {old.method} s={old.factor:g} (config.json holds one method): the new frequencies reach "
             f"{int(new.factor * new.original_max_position_embeddings)} tokens, and the fine-tune adapts the model to them")
+
+
+def widen_tokenizer_config(path, context):
+    """tokenizer_config.json's model_max_length caps the context in vLLM (and in transformers' warnings): a
+    checkpoint extended to `context` tokens says so there too, where the file says less."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        cfg = json.load(f)
+    if isinstance(cfg, dict) and isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < context:
+        write_json(path, {**cfg, "model_max_length": context})

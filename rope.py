@@ -436,6 +436,7 @@ def rope_to_hf(cfg):
         out["rope_scaling"] = {"rope_type": "llama3", "factor": s, "original_max_position_embeddings": L,
                                "low_freq_factor": cfg.low_freq_factor, "high_freq_factor": cfg.high_freq_factor}
         out["max_position_embeddings"] = int(s * L)
+        out["original_max_position_embeddings"] = L  # llama.cpp's converter reads L here only (else: 8192)
     elif cfg.method == "longrope":  # vLLM and llama.cpp take s from max_position_embeddings / L
         out["rope_scaling"] = {"rope_type": "longrope", "factor": s, "original_max_position_embeddings": L,
                                "short_factor": list(cfg.short_factor), "long_factor": list(cfg.long_factor)}

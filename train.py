@@ -46,6 +46,7 @@ import rundir
 from checkpoint import read_tensors
 from common import UserError, one_line_errors
 from data.packed import PackedData
+from hf_config import widen_tokenizer_config
 from model import Llama
 from plan import flops
 from progress import Progress
@@ -262,8 +263,10 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
     plain.load_state_dict({k: v.to("cpu", save_dtype) for k, v in state.items()}, assign=True, strict=False)
     if mcfg.tie_word_embeddings:
         plain.lm_head.weight = plain.model.embed_tokens.weight
+    staged = os.path.join(tc.out, rundir.EXPORT)
     try:
-        plain.save_pretrained(os.path.join(tc.out, rundir.EXPORT), extra_files=tok_files)  # exists only complete
+        plain.save_pretrained(staged, extra_files=tok_files)  # exists only complete
+        widen_tokenizer_config(os.path.join(staged, "tokenizer_config.json"), mcfg.context_length)
         rundir.publish_export(tc.out)
     except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
         raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")

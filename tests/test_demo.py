@@ -31,8 +31,7 @@ def test_quick_demo_end_to_end(tmp_path):
     r = run_demo(out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = out / "results"
-    for name in ("ppl-base.json", "ppl-pi.json", "ppl-yarn.json", "passkey-base.json", "passkey-pi.json",
-                 "passkey-yarn.json", "ppl.md", "passkey.md", "sample.txt", "timings.md"):
+    for name in ("ppl-base.json", "ppl-pi.json", "ppl-yarn.json", "ppl.md", "sample.txt", "timings.md"):
         assert (res / name).is_file(), name
     # the extended checkpoints say what they are, for transformers and vLLM
     yarn = json.load(open(out / "yarn" / "config.json"))
@@ -50,14 +49,7 @@ def test_quick_demo_end_to_end(tmp_path):
     base = json.load(open(res / "ppl-base.json"))["results"][0]["ppl"]["64"]["ppl"]
     for name in ("ppl-pi.json", "ppl-yarn.json"):
         assert json.load(open(res / name))["results"][0]["ppl"]["64"]["ppl"] < base
-    # one passkey table: the base model under plain RoPE, YaRN and dynamic YaRN, both tuned models, at 2L and
-    # s*L (the prompt's fixed lines alone are longer than the quick L = 64), each cell a percentage
-    table = (res / "passkey.md").read_text()
-    for row in ("base, none", "base, yarn s=4", "base, dynamic-yarn", "PI-tuned, model: linear s=4",
-                "YaRN-tuned, model: yarn s=4"):
-        cells = table_row(table, row)
-        assert len(cells) == 2 and all(0 <= float(c.rstrip("%")) <= 100 for c in cells), cells
     assert len((res / "sample.txt").read_text()) > 50
     # a second run skips every step whose output exists
     r = run_demo(out)
-    assert r.returncode == 0 and r.stdout.count("skipped") == 11, r.stdout[-3000:]
+    assert r.returncode == 0 and r.stdout.count("skipped") == 8, r.stdout[-3000:]

@@ -211,7 +211,8 @@ def qwen_tokenizer(folder, corpus, bos_in_config=True):
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": None, "eos_token": "<|endoftext|>", "tokenizer_class": "Qwen2Tokenizer"}, f)
+        json.dump({"bos_token": None, "eos_token": "<|endoftext|>", "tokenizer_class": "Qwen2Tokenizer",
+                   "model_max_length": 32768}, f)
     return tok.get_vocab_size(), tok.token_to_id("<|endoftext|>")
 
 
@@ -277,6 +278,8 @@ def test_qwen_fine_tune_exports_what_transformers_loads(qwen_run):
             (family, [arch], False, None)
         assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
         assert cfg["max_position_embeddings"] == 131072 and cfg["vocab_size"] == n + 32
+        # vLLM caps the context at the tokenizer's model_max_length: the export's says the new one
+        assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 131072
         ours, hf = Llama.from_pretrained(out), theirs(out)
         idx = tokens(128, vocab=n, seed=7)
         with torch.no_grad():

@@ -245,7 +245,7 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="task", required=True)
     pp = sub.add_parser("ppl", parents=[common], help="perplexity against context length")
     pp.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="a .bin split from data/prepare.py, or .txt files / directories / .jsonl files")
+                    help="a .bin split from data/prepare.py, or .txt files / directories / .jsonl / .parquet files")
     pp.add_argument("--stride", type=int, default=None,
                     help="sliding windows moving by this many tokens (default: one pass per document); a run "
                          f"whose windows read over {STRIDE_COST_WARNING}x the tokens they score is announced")

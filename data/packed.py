@@ -3,7 +3,7 @@ The packed dataset format, written and read, the way the YaRN paper packs its da
 tokenized, followed by EOS, and all documents are concatenated into one flat array of token ids; the
 trainer cuts that array into fixed blocks, each starting with BOS.
 
-    docs = find_documents(["books/", "notes.jsonl"])      # (name, load) pairs: nothing is held in memory
+    docs = find_documents(["books/", "notes.jsonl", "pg19.parquet"])   # (name, load) pairs: nothing is held in memory
     train, val = split_documents(docs, 0.05, seed=0)      # by document, so none is in both
     prepare("data/books", train, val, tokenizer="path/to/Llama-2-7b-hf")   # or vocab_size=4096 to train one
     data = PackedData("data/books", "train")              # data.block(i, seq_len), data.documents()
@@ -20,6 +20,7 @@ so a folder with a meta.json is always complete; read_meta checks every value of
 checks the .bin files against it, each failure a ValueError naming the file (commands make it one line).
 """
 
+import functools
 import json
 import os
 import random
@@ -53,9 +54,48 @@ def read_jsonl_line(path, offset, lineno, text_key):
         text = json.loads(line)[text_key]
     except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
         raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
-    if not isinstance(text, str):
-        raise UserError(f"{path}:{lineno}: {text_key!r} is not a string")
+    return string(text, f"{path}:{lineno}", text_key)
+
+
+def string(text, name, text_key):
+    if not isinstance(text, str):  # a number or a list in JSON; a null or bytes in parquet
+        raise UserError(f"{name}: {text_key!r} is not a string")
     return text
+
+
+def parquet_documents(path, text_key, row_group):
+    """(name, load) for each row of a .parquet file, named path:row (rows counted from 0, as pyarrow and
+    the datasets library count them). row_group(path, group, text_key) gives a row group's texts."""
+    metadata = open_parquet(path, text_key).metadata
+    docs = []
+    for group in range(metadata.num_row_groups):
+        first = len(docs)  # the row number of the group's first row
+        for i in range(metadata.row_group(group).num_rows):
+            name = f"{path}:{first + i}"
+            docs.append((name, lambda g=group, i=i, n=name: string(row_group(path, g, text_key)[i], n, text_key)))
+    return docs
+
+
+def open_parquet(path, text_key):
+    try:
+        import pyarrow.parquet as pq  # optional: only .parquet inputs need it
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        f = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path} is not a parquet file ({e})") from None
+    if text_key not in f.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_key!r}; its columns: {', '.join(f.schema_arrow.names)}")
+    return f
+
+
+def read_row_group(path, group, text_key):
+    """The texts of one row group of a .parquet file, the unit pyarrow reads."""
+    try:
+        return open_parquet(path, text_key).read_row_group(group, columns=[text_key]).column(0).to_pylist()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: row group {group} cannot be read ({e})") from None
 
 
 def find_documents(inputs, text_key="text"):
@@ -73,9 +113,14 @@ def find_documents(inputs, text_key="text"):
     if not files:
         raise UserError(f"no documents found in {' '.join(inputs)} (directories are searched for .txt files)")
 
+    # documents are read in order, so keeping the last row group read serves a .parquet file's rows one
+    # group at a time, and bounds the memory to one group
+    row_group = functools.lru_cache(maxsize=1)(read_row_group)
     docs = []
     for path in files:
-        if path.endswith(".jsonl"):
+        if path.endswith(".parquet"):
+            docs += parquet_documents(path, text_key, row_group)
+        elif path.endswith(".jsonl"):
             with open(path, "rb") as f:
                 offset, lineno = 0, 0
                 for line in f:

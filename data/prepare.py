@@ -7,10 +7,14 @@ array of token ids; the trainer cuts that array into fixed blocks, each starting
     python data/prepare.py --input books/ --out data/books --tokenizer path/to/Llama-2-7b-hf
     # train a small sentencepiece BPE tokenizer on the training documents instead
     python data/prepare.py --input a.txt b.txt notes.jsonl --out data/mine --train-tokenizer 4096
+    # PG19's parquet files
+    python data/prepare.py --input pg19/*.parquet --out data/pg19 --tokenizer path/to/Llama-2-7b-hf
 
 Inputs: a .txt file is one document; a directory means every .txt file under it (recursively,
 sorted), each one document; a .jsonl file holds one document per line under the key "text"
-(--text-key to change it). Documents are split into train/val *by document* (seeded shuffle).
+(--text-key to change it); a .parquet file one document per row in the column "text" (--text-key),
+read a row group at a time (needs pyarrow). Documents are split into train/val *by document* (seeded
+shuffle).
 
 Output, in --out: train.bin, val.bin, a copy of the tokenizer and meta.json, the format data/packed.py
 describes (and writes, and reads). meta.json is written last and every file goes through a temporary
@@ -36,12 +40,13 @@ def main(argv=None):
 
 def run(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt files, directories of .txt files, or .jsonl files")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt files, directories of .txt files, .jsonl files, or .parquet files (with pyarrow)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json and the tokenizer")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.model, a tokenizer.json, or a checkpoint directory holding one")
     group.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a sentencepiece BPE of this size")
-    p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines")
+    p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines, its column in .parquet files")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val shuffle and of tokenizer training")
     args = p.parse_args(argv)

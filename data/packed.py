@@ -6,6 +6,7 @@ trainer cuts that array into fixed blocks, each starting with BOS.
     docs = find_documents(["books/", "notes.jsonl", "pg19.parquet"])   # (name, load) pairs: nothing is held in memory
     train, val = split_documents(docs, 0.05, seed=0)      # by document, so none is in both
     prepare("data/books", train, val, tokenizer="path/to/Llama-2-7b-hf")   # or vocab_size=4096 to train one
+    prepare("data/long", train, val, tokenizer="...", min_tokens=16384, workers=8)   # long documents only
     data = PackedData("data/books", "train")              # data.block(i, seq_len), data.documents()
 
 A prepared directory holds:
@@ -20,10 +21,13 @@ so a folder with a meta.json is always complete; read_meta checks every value of
 checks the .bin files against it, each failure a ValueError naming the file (commands make it one line).
 """
 
+import collections
 import functools
 import json
+import multiprocessing
 import os
 import random
+import signal
 
 import numpy as np
 from tqdm import tqdm
@@ -153,21 +157,76 @@ def split_documents(docs, val_fraction, seed):
 # Writing
 
 
-def write_split(docs, tok, path, dtype, desc):
-    """Tokenize docs one at a time, EOS after each, appended to one flat .bin file."""
+def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
+    """Tokenize docs in order, EOS after each, appended to one flat .bin file; a document of fewer than
+    min_tokens tokens (EOS not counted) is left out."""
     starts_ends, names, n = [], [], 0
     with new_file(path, "wb") as f:  # a temporary name until the last document is in
-        for name, load in tqdm(docs, desc=desc, unit="doc", disable=None):  # disable=None: no bar when not a terminal
-            ids = tok.encode(load()) + [tok.eos_id]
-            np.asarray(ids, dtype=dtype).tofile(f)
-            starts_ends.append([n, n + len(ids)])
+        # disable=None: no bar when not a terminal
+        for name, ids in tqdm(tokenized(docs, tok, workers), total=len(docs), desc=desc, unit="doc", disable=None):
+            if len(ids) < min_tokens:
+                continue
+            np.append(ids, tok.eos_id).astype(dtype).tofile(f)
+            starts_ends.append([n, n + len(ids) + 1])
             names.append(name)
-            n += len(ids)
+            n += len(ids) + 1
     return {"tokens": n, "docs": starts_ends, "names": names}
 
 
-def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
-    """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size."""
+CHUNK_CHARS = 1 << 20  # a worker's task: about 250k tokens, a fraction of a second, so the hand-offs cost little
+
+
+def tokenized(docs, tok, workers=1):
+    """(name, token ids) of each document, in order. With workers > 1, that many processes tokenize
+    chunks of documents while this one reads the next ones and writes: the same ids, in the same order."""
+    if workers == 1:
+        yield from ((name, encode(tok, load())) for name, load in docs)
+        return
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tok.files[0],)) as pool:
+        pending = collections.deque()  # two chunks a worker at most: Pool.imap would read the corpus ahead into memory
+        for chunk in chunks(docs):
+            pending.append(([name for name, _ in chunk], pool.apply_async(encode_chunk, ([t for _, t in chunk],))))
+            if len(pending) > 2 * workers:
+                names, ids = pending.popleft()
+                yield from zip(names, ids.get())
+        for names, ids in pending:
+            yield from zip(names, ids.get())
+
+
+def chunks(docs):
+    """Lists of (name, text) of about CHUNK_CHARS characters, in order (a longer document is a chunk alone)."""
+    chunk, size = [], 0
+    for name, load in docs:
+        chunk.append((name, load()))
+        size += len(chunk[-1][1])
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode(tok, text):
+    return np.asarray(tok.encode(text), dtype=np.uint32)  # the largest dtype prepare() writes
+
+
+WORKER_TOKENIZER = None  # in each worker process of tokenized(): its own copy, loaded once by start_worker
+
+
+def start_worker(tokenizer_path):
+    global WORKER_TOKENIZER
+    WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool and says one line
+
+
+def encode_chunk(texts):
+    return [encode(WORKER_TOKENIZER, text) for text in texts]
+
+
+def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, min_tokens=0, workers=1):
+    """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size. Documents
+    of fewer than min_tokens tokens are left out of both splits (the tokenizer is trained on all the
+    training documents: a length in tokens needs the tokenizer first); workers processes tokenize."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
         model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
@@ -197,9 +256,11 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "tokenizer": os.path.basename(tok.files[0]),
-        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train"),
-        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val"),
+        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train", min_tokens, workers),
+        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val", min_tokens, workers),
     }
+    if not (meta["train"]["docs"] or meta["val"]["docs"]):
+        raise ValueError(f"every document is shorter than {min_tokens} tokens, the minimum asked")
     with new_file(os.path.join(out, "meta.json")) as f:
         f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
     return meta

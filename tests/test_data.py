@@ -231,6 +231,43 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus):
     assert len(PackedData(out, "train")) > 0
 
 
+def test_min_tokens_leaves_out_short_documents(tmp_path, capsys):
+    texts = write_docs(tmp_path, [t if i % 2 else "\n".join(t.splitlines()[:6]) for i, t in enumerate(make_docs(8))])
+    everything = prepared(tmp_path / "all", texts)
+    tok = load_tokenizer(everything)  # the same tokenizer either way: trained on the same training documents
+    count = {path: len(tok.encode(text)) for path, text in texts.items()}
+    n = sorted(count.values())[4]  # the shortest long document, exactly: kept (fewer than N tokens go)
+    capsys.readouterr()
+    long_only = prepared(tmp_path / "long", texts, "--min-tokens", str(n))
+    out = capsys.readouterr().out
+    meta, full = read_meta(long_only), read_meta(everything)
+    for split in ("train", "val"):
+        # the split is made first: the documents kept are those of the full split with N tokens or more
+        assert meta[split]["names"] == [p for p in full[split]["names"] if count[p] >= n]
+        data = PackedData(long_only, split)
+        for name, ids in data.documents():
+            assert ids[:-1].tolist() == tok.encode(texts[name])
+    dropped = {s: len(full[s]["names"]) - len(meta[s]["names"]) for s in ("train", "val")}
+    assert sum(dropped.values()) == 4 and all(dropped.values())
+    assert f"--min-tokens {n}: left out {dropped['train']} train and {dropped['val']} val docs of fewer tokens" in out
+    assert_same_files(everything, long_only, ["tokenizer.model"])
+    # none long enough: one line, exit code 2
+    with pytest.raises(SystemExit) as e:
+        prepared(tmp_path / "none", texts, "--min-tokens", str(max(count.values()) + 1))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: every document is shorter than") and err.count("\n") == 1
+
+
+def test_workers_write_the_same_bytes(tmp_path, monkeypatch):
+    import data.packed
+    monkeypatch.setattr(data.packed, "CHUNK_CHARS", 3000)  # several chunks a worker, more than are let in flight
+    texts = write_docs(tmp_path, [text * (1 + i % 3) for i, text in enumerate(make_docs(12))])
+    one = prepared(tmp_path / "one", texts, "--min-tokens", "1000")
+    two = prepared(tmp_path / "two", texts, "--min-tokens", "1000", "--workers", "2")
+    assert 0 < len(read_meta(one)["train"]["names"]) < 8  # some documents are left out, in both
+    assert_same_files(one, two)
+
+
 def test_parquet_reads_as_jsonl(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -2,8 +2,9 @@ r"""
 Measure long-context ability the way the YaRN paper does: perplexity against context length, and
 passkey retrieval.
 
-    # perplexity of whole documents truncated to each length (the paper's Proof-pile protocol)
-    python eval.py ppl --model out/llama-yarn --data data/books/val.bin --lengths 2048,4096,8192,16384
+    # perplexity of the same documents truncated to each length (the paper's Proof-pile protocol)
+    python eval.py ppl --model out/llama-yarn --data data/proofpile/val.bin --lengths 8192,32768,65536,98304,131072 \
+        --max-docs 10
     # one checkpoint under several RoPE methods, no training: the paper's comparison table in one command
     python eval.py ppl --model Llama-2-7b-hf --data heldout/ --lengths 4096,8192,16384 --json out/ppl.json \
         --rope none --rope linear:4 --rope ntk:4 --rope yarn:4 --rope dynamic-yarn
@@ -21,14 +22,19 @@ default), none, linear, ntk, dynamic-ntk, ntk-by-parts, yarn, dynamic-yarn, llam
 The checkpoint is loaded once and only its RoPE tables are swapped between methods.
 
 --data is a .bin split written by data/prepare.py (its meta.json gives the dtype and the documents),
-or text: .txt files, directories of them, .jsonl files; one document each, tokenized with the model's
-tokenizer. BOS is prepended when the tokenizer has one.
+or text: .txt files, directories of them, .jsonl or .parquet files (as data/prepare.py reads them), one
+document each, tokenized with the model's tokenizer. BOS is prepended when the tokenizer has one.
 
-ppl: a document is used at a length if it has at least that many tokens; it is truncated to the length
-and scored in one forward pass (length - 1 predictions), or with --stride, read whole (up to --max-tokens)
+ppl follows the paper's protocol: the same documents at every length, those with at least as many tokens
+as the longest length (the first --max-docs of them; the paper takes ten Proof-pile documents of 128k
+tokens or more), so each point of the curve is the same text read with more context. --docs-per-length
+scores instead, at each length, every document that reaches it. A document is truncated to the length and
+scored in one forward pass (length - 1 predictions), or with --stride, read whole (up to --max-tokens)
 in windows of `length` tokens that move by the stride, each scoring only its new tokens, so every
-token after the first is scored exactly once. Perplexity = exp(total loss / total scored tokens) over
-the documents. The loss runs in chunks of the vocabulary: memory is linear in the length.
+token after the first is scored exactly once; that costs about length / stride reads of each scored
+token, and a run over 50 is announced with its forward passes and tokens before it starts.
+Perplexity = exp(total loss / total scored tokens) over the documents; the JSON names them (one list, or
+one per length when they differ). The loss runs in chunks of the vocabulary: memory is linear in the length.
 passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged: five lines joined
 by newlines, the task line "There is an important info hidden inside a lot of irrelevant text. Find it
 and memorize them. I will quiz you about the important information there.", filler ("The grass is
@@ -129,23 +135,53 @@ def load_documents(data, model_dir):
     return docs, tok.vocab_size
 
 
-def evaluate_ppl(model, docs, lengths, stride=None, max_docs=None, max_tokens=None, desc=""):
-    """{length: {"ppl", "nll", "tokens", "docs", "seconds"}} over the documents with >= `length` tokens."""
+def choose_documents(docs, lengths, max_docs=None, per_length=False):
+    """{length: [(name, ids)]}, the documents scored at each length. The paper's protocol (the default):
+    the same documents at every length, the first max_docs of those with at least max(lengths) tokens,
+    so each point of the curve is the same text read with more or less context. per_length: at each
+    length, the first max_docs of the documents that reach it (more text at short lengths, but each
+    point is other texts, and a harder text at one length moves the curve)."""
+    if per_length:
+        return {n: [d for d in docs if len(d[1]) >= n][:max_docs] for n in lengths}
+    same = [d for d in docs if len(d[1]) >= max(lengths)][:max_docs]
+    return {n: same for n in lengths}
+
+
+def evaluate_ppl(model, chosen, stride=None, max_tokens=None, desc=""):
+    """{length: {"ppl", "nll", "tokens", "docs", "names", "seconds"}} over the documents chosen for each
+    length: truncated to it, or with a stride read whole (up to max_tokens) in windows."""
     out = {}
-    for length in lengths:
-        usable = [ids for _, ids in docs if len(ids) >= length][:max_docs]
+    for length, docs in chosen.items():
         nll, count, t0 = 0.0, 0, time.perf_counter()
-        for ids in tqdm(usable, desc=f"{desc} @ {length}", unit="doc", leave=False, disable=None):
+        for _, ids in tqdm(docs, desc=f"{desc} @ {length}", unit="doc", leave=False, disable=None):
             ids = ids[:length] if stride is None else ids[:max_tokens]
             n, c = perplexity(model, ids.astype(np.int64), length, stride)
             nll, count = nll + n, count + c
         seconds = time.perf_counter() - t0
         ppl = exp(nll / count) if count else None  # None: no document was long enough
-        out[length] = {"ppl": ppl, "nll": nll, "tokens": count, "docs": len(usable), "seconds": seconds}
-        if usable:
-            note(f"{desc} @ {length}: perplexity {ppl:.3f} over {len(usable)} documents, "
-                 f"{seconds / len(usable):.2f} s per document")
+        out[length] = {"ppl": ppl, "nll": nll, "tokens": count, "docs": len(docs),
+                       "names": [name for name, _ in docs], "seconds": seconds}
+        if docs:
+            note(f"{desc} @ {length}: perplexity {ppl:.3f} over {len(docs)} documents, "
+                 f"{seconds / len(docs):.2f} s per document")
     return out
+
+
+# A --stride run whose windows read more than this many times the tokens they score is announced first:
+# 8192 / 256 (32 reads a token) runs quietly; 16384 / 256 (64) and the paper's 131072 / 256 (512) warn.
+STRIDE_COST_WARNING = 50
+
+
+def stride_cost(chosen, stride, max_tokens=None):
+    """(forward passes, tokens read, tokens scored) of a --stride run over every length and document:
+    about n / stride passes of `length` tokens for a document of n, so up to length / stride reads of
+    each scored token, where one pass over a truncated document reads each once."""
+    passes = read = scored = 0
+    for length, docs in chosen.items():
+        for _, ids in docs:
+            for start, end, first in windows(len(ids[:max_tokens]), length, stride):
+                passes, read, scored = passes + 1, read + end - start, scored + end - first
+    return passes, read, scored
 
 
 # ---- command line: parse, check, read the inputs, evaluate, write ---------------------------------------
@@ -209,10 +245,17 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="task", required=True)
     pp = sub.add_parser("ppl", parents=[common], help="perplexity against context length")
     pp.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="a .bin split from data/prepare.py, or .txt files / directories / .jsonl files")
+                    help="a .bin split from data/prepare.py, or .txt files / directories / .jsonl / .parquet files")
     pp.add_argument("--stride", type=int, default=None,
-                    help="sliding windows moving by this many tokens (default: one pass per document)")
-    pp.add_argument("--max-docs", type=int, default=None, help="at most this many documents per length")
+                    help="sliding windows moving by this many tokens (default: one pass per document); a run "
+                         f"whose windows read over {STRIDE_COST_WARNING}x the tokens they score is announced")
+    pp.add_argument("--max-docs", type=int, default=None, metavar="N",
+                    help="score only the first N documents long enough (default: all): the same N at every length, "
+                         "or with --docs-per-length the first N that reach each length")
+    pp.add_argument("--docs-per-length", action="store_true",
+                    help="at each length, score every document that reaches it, instead of the paper's protocol "
+                         "(the default: the same documents at every length, those that reach the longest): more "
+                         "text at short lengths, but each length is then other texts")
     pp.add_argument("--max-tokens", type=int, default=None,
                     help="with --stride: score only the first N tokens of each document")
     pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth, with "
@@ -261,22 +304,41 @@ def check_args(args):
 
 
 def read_documents(args, cfg):
-    """ppl's documents, each a 1-D array of token ids."""
+    """ppl's documents, chosen for each length (choose_documents): {length: [(name, 1-D token ids)]}."""
     docs, vocab = reading(load_documents, args.data, args.model)
     if vocab > cfg.vocab_size:
         raise UserError(f"--data was tokenized with a vocabulary of {vocab}, larger than the model's {cfg.vocab_size}")
     if not docs:
         raise UserError(f"no documents in {' '.join(args.data)}")
-    for n in args.lengths:
+    chosen = choose_documents(docs, args.lengths, args.max_docs, args.docs_per_length)
+    longest = args.lengths[-1]
+    if not chosen[longest] and not args.docs_per_length:
+        raise UserError(f"no document has {longest} tokens, the longest length (the longest of the {len(docs)} has "
+                        f"{max(len(ids) for _, ids in docs)}): the same documents are scored at every length, so give "
+                        "shorter --lengths, or --docs-per-length to score at each length those that reach it")
+    note_documents(docs, chosen, args.docs_per_length)
+    if args.stride is not None:
+        warn_stride_cost(chosen, args.stride, args.max_tokens)
+    return chosen
+
+
+def note_documents(docs, chosen, per_length):
+    """How many documents are scored, and how many are too short: one line, or one per length."""
+    for n in chosen if per_length else [max(chosen)]:
         usable = sum(len(ids) >= n for _, ids in docs)
-        used = min(usable, args.max_docs or usable)
         if not usable:
             note(f"warning: length {n}: no document has {n} tokens; skipped")
-        elif usable < len(docs):
-            note(f"length {n}: {used} documents ({len(docs) - usable} shorter ones skipped)")
-        else:
-            note(f"length {n}: {used} documents")
-    return docs
+            continue
+        what = f"length {n}: {len(chosen[n])} documents" if per_length else \
+            f"{len(chosen[n])} documents of at least {n} tokens, each scored at every length"
+        note(what + (f" ({len(docs) - usable} shorter ones skipped)" if usable < len(docs) else ""))
+
+
+def warn_stride_cost(chosen, stride, max_tokens):
+    passes, read, scored = stride_cost(chosen, stride, max_tokens)
+    if read > STRIDE_COST_WARNING * scored:
+        note(f"warning: --stride {stride}: {passes:,} forward passes reading {read:,} tokens to score {scored:,} "
+             f"({read / scored:.0f}x, for each --rope method); a larger --stride or fewer --max-docs costs less")
 
 
 def read_tokenizer(args, cfg):
@@ -298,7 +360,7 @@ def run(args, model, ropes, labels, inputs, device):
     for label, rope in zip(labels, ropes):
         model.set_rope(rope)
         if args.task == "ppl":
-            r = evaluate_ppl(model, inputs, lengths, args.stride, args.max_docs, args.max_tokens, desc=label)
+            r = evaluate_ppl(model, inputs, args.stride, args.max_tokens, desc=label)
             results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
             continue
         need = max(lengths) + passkey.PASSKEY_NEW_TOKENS
@@ -317,9 +379,17 @@ def run(args, model, ropes, labels, inputs, device):
 def run_json(args, results):
     """The run as --json holds it (report.py's format): the task, the model, the lengths, the task's own
     flags and the results."""
-    extra = {"data": args.data, "stride": args.stride} if args.task == "ppl" else \
+    extra = {"data": args.data, "stride": args.stride, "docs_per_length": args.docs_per_length,
+             "documents": scored_documents(results)} if args.task == "ppl" else \
         {"depths": args.depths, "trials": args.trials, "seed": args.seed}
     return {"task": args.task, "model": args.model, "lengths": args.lengths, **extra, "results": results}
+
+
+def scored_documents(results):
+    """The names of the documents scored, taken out of the results (every method scores the same ones):
+    one list when every length scored the same documents (the paper's protocol), else {length: names}."""
+    names = {n: cell.pop("names") for r in results for n, cell in r["ppl"].items()}
+    return next(iter(names.values())) if len({tuple(v) for v in names.values()}) == 1 else names
 
 
 def main(argv=None):

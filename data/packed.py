@@ -3,9 +3,10 @@ The packed dataset format, written and read, the way the YaRN paper packs its da
 tokenized, followed by EOS, and all documents are concatenated into one flat array of token ids; the
 trainer cuts that array into fixed blocks, each starting with BOS.
 
-    docs = find_documents(["books/", "notes.jsonl"])      # (name, load) pairs: nothing is held in memory
+    docs = find_documents(["books/", "notes.jsonl", "pg19.parquet"])   # (name, load) pairs: nothing is held in memory
     train, val = split_documents(docs, 0.05, seed=0)      # by document, so none is in both
     prepare("data/books", train, val, tokenizer="path/to/Llama-2-7b-hf")   # or vocab_size=4096 to train one
+    prepare("data/long", train, val, tokenizer="...", min_tokens=16384, workers=8)   # long documents only
     data = PackedData("data/books", "train")              # data.block(i, seq_len), data.documents()
 
 A prepared directory holds:
@@ -20,9 +21,13 @@ so a folder with a meta.json is always complete; read_meta checks every value of
 checks the .bin files against it, each failure a ValueError naming the file (commands make it one line).
 """
 
+import collections
+import functools
 import json
+import multiprocessing
 import os
 import random
+import signal
 
 import numpy as np
 from tqdm import tqdm
@@ -53,9 +58,48 @@ def read_jsonl_line(path, offset, lineno, text_key):
         text = json.loads(line)[text_key]
     except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
         raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
-    if not isinstance(text, str):
-        raise UserError(f"{path}:{lineno}: {text_key!r} is not a string")
+    return string(text, f"{path}:{lineno}", text_key)
+
+
+def string(text, name, text_key):
+    if not isinstance(text, str):  # a number or a list in JSON; a null or bytes in parquet
+        raise UserError(f"{name}: {text_key!r} is not a string")
     return text
+
+
+def parquet_documents(path, text_key, row_group):
+    """(name, load) for each row of a .parquet file, named path:row (rows counted from 0, as pyarrow and
+    the datasets library count them). row_group(path, group, text_key) gives a row group's texts."""
+    metadata = open_parquet(path, text_key).metadata
+    docs = []
+    for group in range(metadata.num_row_groups):
+        first = len(docs)  # the row number of the group's first row
+        for i in range(metadata.row_group(group).num_rows):
+            name = f"{path}:{first + i}"
+            docs.append((name, lambda g=group, i=i, n=name: string(row_group(path, g, text_key)[i], n, text_key)))
+    return docs
+
+
+def open_parquet(path, text_key):
+    try:
+        import pyarrow.parquet as pq  # optional: only .parquet inputs need it
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        f = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path} is not a parquet file ({e})") from None
+    if text_key not in f.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_key!r}; its columns: {', '.join(f.schema_arrow.names)}")
+    return f
+
+
+def read_row_group(path, group, text_key):
+    """The texts of one row group of a .parquet file, the unit pyarrow reads."""
+    try:
+        return open_parquet(path, text_key).read_row_group(group, columns=[text_key]).column(0).to_pylist()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: row group {group} cannot be read ({e})") from None
 
 
 def find_documents(inputs, text_key="text"):
@@ -73,9 +117,14 @@ def find_documents(inputs, text_key="text"):
     if not files:
         raise UserError(f"no documents found in {' '.join(inputs)} (directories are searched for .txt files)")
 
+    # documents are read in order, so keeping the last row group read serves a .parquet file's rows one
+    # group at a time, and bounds the memory to one group
+    row_group = functools.lru_cache(maxsize=1)(read_row_group)
     docs = []
     for path in files:
-        if path.endswith(".jsonl"):
+        if path.endswith(".parquet"):
+            docs += parquet_documents(path, text_key, row_group)
+        elif path.endswith(".jsonl"):
             with open(path, "rb") as f:
                 offset, lineno = 0, 0
                 for line in f:
@@ -108,21 +157,76 @@ def split_documents(docs, val_fraction, seed):
 # Writing
 
 
-def write_split(docs, tok, path, dtype, desc):
-    """Tokenize docs one at a time, EOS after each, appended to one flat .bin file."""
+def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
+    """Tokenize docs in order, EOS after each, appended to one flat .bin file; a document of fewer than
+    min_tokens tokens (EOS not counted) is left out."""
     starts_ends, names, n = [], [], 0
     with new_file(path, "wb") as f:  # a temporary name until the last document is in
-        for name, load in tqdm(docs, desc=desc, unit="doc", disable=None):  # disable=None: no bar when not a terminal
-            ids = tok.encode(load()) + [tok.eos_id]
-            np.asarray(ids, dtype=dtype).tofile(f)
-            starts_ends.append([n, n + len(ids)])
+        # disable=None: no bar when not a terminal
+        for name, ids in tqdm(tokenized(docs, tok, workers), total=len(docs), desc=desc, unit="doc", disable=None):
+            if len(ids) < min_tokens:
+                continue
+            np.append(ids, tok.eos_id).astype(dtype).tofile(f)
+            starts_ends.append([n, n + len(ids) + 1])
             names.append(name)
-            n += len(ids)
+            n += len(ids) + 1
     return {"tokens": n, "docs": starts_ends, "names": names}
 
 
-def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
-    """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size."""
+CHUNK_CHARS = 1 << 20  # a worker's task: about 250k tokens, a fraction of a second, so the hand-offs cost little
+
+
+def tokenized(docs, tok, workers=1):
+    """(name, token ids) of each document, in order. With workers > 1, that many processes tokenize
+    chunks of documents while this one reads the next ones and writes: the same ids, in the same order."""
+    if workers == 1:
+        yield from ((name, encode(tok, load())) for name, load in docs)
+        return
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tok.files[0],)) as pool:
+        pending = collections.deque()  # two chunks a worker at most: Pool.imap would read the corpus ahead into memory
+        for chunk in chunks(docs):
+            pending.append(([name for name, _ in chunk], pool.apply_async(encode_chunk, ([t for _, t in chunk],))))
+            if len(pending) > 2 * workers:
+                names, ids = pending.popleft()
+                yield from zip(names, ids.get())
+        for names, ids in pending:
+            yield from zip(names, ids.get())
+
+
+def chunks(docs):
+    """Lists of (name, text) of about CHUNK_CHARS characters, in order (a longer document is a chunk alone)."""
+    chunk, size = [], 0
+    for name, load in docs:
+        chunk.append((name, load()))
+        size += len(chunk[-1][1])
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode(tok, text):
+    return np.asarray(tok.encode(text), dtype=np.uint32)  # the largest dtype prepare() writes
+
+
+WORKER_TOKENIZER = None  # in each worker process of tokenized(): its own copy, loaded once by start_worker
+
+
+def start_worker(tokenizer_path):
+    global WORKER_TOKENIZER
+    WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool and says one line
+
+
+def encode_chunk(texts):
+    return [encode(WORKER_TOKENIZER, text) for text in texts]
+
+
+def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, min_tokens=0, workers=1):
+    """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size. Documents
+    of fewer than min_tokens tokens are left out of both splits (the tokenizer is trained on all the
+    training documents: a length in tokens needs the tokenizer first); workers processes tokenize."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
         model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
@@ -152,9 +256,11 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0):
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "tokenizer": os.path.basename(tok.files[0]),
-        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train"),
-        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val"),
+        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train", min_tokens, workers),
+        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val", min_tokens, workers),
     }
+    if not (meta["train"]["docs"] or meta["val"]["docs"]):
+        raise ValueError(f"every document is shorter than {min_tokens} tokens, the minimum asked")
     with new_file(os.path.join(out, "meta.json")) as f:
         f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
     return meta

@@ -7,10 +7,15 @@ array of token ids; the trainer cuts that array into fixed blocks, each starting
     python data/prepare.py --input books/ --out data/books --tokenizer path/to/Llama-2-7b-hf
     # train a small sentencepiece BPE tokenizer on the training documents instead
     python data/prepare.py --input a.txt b.txt notes.jsonl --out data/mine --train-tokenizer 4096
+    # PG19's parquet files, books of 16k tokens or more only, tokenized by 8 processes
+    python data/prepare.py --input pg19/*.parquet --out data/pg19 --tokenizer path/to/Llama-2-7b-hf \
+        --min-tokens 16384 --workers 8
 
 Inputs: a .txt file is one document; a directory means every .txt file under it (recursively,
 sorted), each one document; a .jsonl file holds one document per line under the key "text"
-(--text-key to change it). Documents are split into train/val *by document* (seeded shuffle).
+(--text-key to change it); a .parquet file one document per row in the column "text" (--text-key),
+read a row group at a time (needs pyarrow). Documents are split into train/val *by document* (seeded
+shuffle); --min-tokens then leaves the short ones out of both, so a document's split never depends on it.
 
 Output, in --out: train.bin, val.bin, a copy of the tokenizer and meta.json, the format data/packed.py
 describes (and writes, and reads). meta.json is written last and every file goes through a temporary
@@ -36,30 +41,44 @@ def main(argv=None):
 
 def run(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt files, directories of .txt files, or .jsonl files")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt files, directories of .txt files, .jsonl files, or .parquet files (with pyarrow)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json and the tokenizer")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.model, a tokenizer.json, or a checkpoint directory holding one")
     group.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE", help="train a sentencepiece BPE of this size")
-    p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines")
+    p.add_argument("--text-key", default="text", help="key of the document text in .jsonl lines, its column in .parquet files")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val shuffle and of tokenizer training")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="leave out the documents of fewer than N tokens (of the tokenizer given, or of the one trained, "
+                        "which learns from every training document) from both splits, and say how many; the split is "
+                        "made first, so a document's split does not depend on N")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="tokenize in N processes (default 1); the files are the same, byte for byte")
     args = p.parse_args(argv)
 
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.min_tokens < 0 or args.workers < 1:
+        raise UserError(f"--min-tokens must be >= 0 and --workers >= 1, got {args.min_tokens} and {args.workers}")
     docs = find_documents(args.input, args.text_key)
     train, val = split_documents(docs, args.val_fraction, args.seed)
     try:
-        meta = prepare(args.out, train, val, args.tokenizer, args.train_tokenizer, args.seed)
+        meta = prepare(args.out, train, val, args.tokenizer, args.train_tokenizer, args.seed, args.min_tokens,
+                       args.workers)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))
     except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
         raise UserError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
     except OSError as e:  # --out is a file or read-only, the disk is full: meta.json is not (re)written
         raise UserError(f"cannot write {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
-    print(f"{args.out}: {len(train)} train docs, {meta['train']['tokens']:,} tokens; "
-          f"{len(val)} val docs, {meta['val']['tokens']:,} tokens; vocab {meta['vocab_size']} ({meta['dtype']})")
+    kept_train, kept_val = len(meta["train"]["names"]), len(meta["val"]["names"])
+    if args.min_tokens:
+        print(f"--min-tokens {args.min_tokens}: left out {len(train) - kept_train} train and {len(val) - kept_val} "
+              f"val docs of fewer tokens")
+    print(f"{args.out}: {kept_train} train docs, {meta['train']['tokens']:,} tokens; "
+          f"{kept_val} val docs, {meta['val']['tokens']:,} tokens; vocab {meta['vocab_size']} ({meta['dtype']})")
 
 
 if __name__ == "__main__":

@@ -35,16 +35,19 @@ def make_docs(n, seed=0):
     return docs
 
 
+def write_docs(folder, docs):
+    """Each text as folder/doc{i}.txt; returns their {path: text}."""
+    texts = {str(folder / f"doc{i}.txt"): text for i, text in enumerate(docs)}
+    for path, text in texts.items():
+        with open(path, "w") as f:
+            f.write(text)
+    return texts
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """Six .txt documents; returns their {path: text}."""
-    texts = {}
-    for i, text in enumerate(make_docs(6)):
-        path = str(tmp_path / f"doc{i}.txt")
-        with open(path, "w") as f:
-            f.write(text)
-        texts[path] = text
-    return texts
+    return write_docs(tmp_path, make_docs(6))
 
 
 def prepared(tmp_path, corpus, *extra):
@@ -92,11 +95,14 @@ def test_block_layout(tmp_path, corpus):
         data.block(n, T)
 
 
-def test_deterministic(tmp_path, corpus):
-    a, b = prepared(tmp_path / "a", corpus), prepared(tmp_path / "b", corpus)
-    for name in ("train.bin", "val.bin", "tokenizer.model"):
+def assert_same_files(a, b, names=("train.bin", "val.bin", "meta.json", "tokenizer.model")):
+    for name in names:
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read(), name
+
+
+def test_deterministic(tmp_path, corpus):
+    assert_same_files(prepared(tmp_path / "a", corpus), prepared(tmp_path / "b", corpus))
 
 
 def test_jsonl_and_directory(tmp_path):
@@ -223,3 +229,75 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus):
     assert run_prepare("--input", doc, "--out", out, "--train-tokenizer", "100000").returncode == 2
     assert run_prepare("--input", doc, "--out", out, "--tokenizer", str(tmp_path / "missing.model")).returncode == 2
     assert len(PackedData(out, "train")) > 0
+
+
+def test_min_tokens_leaves_out_short_documents(tmp_path, capsys):
+    texts = write_docs(tmp_path, [t if i % 2 else "\n".join(t.splitlines()[:6]) for i, t in enumerate(make_docs(8))])
+    everything = prepared(tmp_path / "all", texts)
+    tok = load_tokenizer(everything)  # the same tokenizer either way: trained on the same training documents
+    count = {path: len(tok.encode(text)) for path, text in texts.items()}
+    n = sorted(count.values())[4]  # the shortest long document, exactly: kept (fewer than N tokens go)
+    capsys.readouterr()
+    long_only = prepared(tmp_path / "long", texts, "--min-tokens", str(n))
+    out = capsys.readouterr().out
+    meta, full = read_meta(long_only), read_meta(everything)
+    for split in ("train", "val"):
+        # the split is made first: the documents kept are those of the full split with N tokens or more
+        assert meta[split]["names"] == [p for p in full[split]["names"] if count[p] >= n]
+        data = PackedData(long_only, split)
+        for name, ids in data.documents():
+            assert ids[:-1].tolist() == tok.encode(texts[name])
+    dropped = {s: len(full[s]["names"]) - len(meta[s]["names"]) for s in ("train", "val")}
+    assert sum(dropped.values()) == 4 and all(dropped.values())
+    assert f"--min-tokens {n}: left out {dropped['train']} train and {dropped['val']} val docs of fewer tokens" in out
+    assert_same_files(everything, long_only, ["tokenizer.model"])
+    # none long enough: one line, exit code 2
+    with pytest.raises(SystemExit) as e:
+        prepared(tmp_path / "none", texts, "--min-tokens", str(max(count.values()) + 1))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: every document is shorter than") and err.count("\n") == 1
+
+
+def test_workers_write_the_same_bytes(tmp_path, monkeypatch):
+    import data.packed
+    monkeypatch.setattr(data.packed, "CHUNK_CHARS", 3000)  # several chunks a worker, more than are let in flight
+    texts = write_docs(tmp_path, [text * (1 + i % 3) for i, text in enumerate(make_docs(12))])
+    one = prepared(tmp_path / "one", texts, "--min-tokens", "1000")
+    two = prepared(tmp_path / "two", texts, "--min-tokens", "1000", "--workers", "2")
+    assert 0 < len(read_meta(one)["train"]["names"]) < 8  # some documents are left out, in both
+    assert_same_files(one, two)
+
+
+def test_parquet_reads_as_jsonl(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    docs = make_docs(7)
+    docs[3] = "  \n"  # an empty document: skipped, as in .jsonl
+    pq.write_table(pa.table({"id": list(range(7)), "body": docs}), str(tmp_path / "docs.parquet"),
+                   row_group_size=2)  # four row groups, read one at a time
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    outs = {}
+    for kind in ("parquet", "jsonl"):
+        outs[kind] = str(tmp_path / kind)
+        main(["--input", str(tmp_path / f"docs.{kind}"), "--out", outs[kind], "--train-tokenizer", "320",
+              "--text-key", "body", "--val-fraction", "0.3"])
+    assert_same_files(outs["parquet"], outs["jsonl"], ["train.bin", "val.bin", "tokenizer.model"])
+    numbers = lambda kind: {s: [int(name.rsplit(":", 1)[1]) for name in read_meta(outs[kind])[s]["names"]]
+                            for s in ("train", "val")}
+    rows, lines = numbers("parquet"), numbers("jsonl")
+    assert sorted(rows["train"] + rows["val"]) == [0, 1, 2, 4, 5, 6]  # named path:row, rows from 0; row 3 was empty
+    assert lines == {s: [r + 1 for r in rows[s]] for s in rows}  # the same documents in each split (lines from 1)
+    with pytest.raises(SystemExit) as e:  # the default --text-key "text" is not a column here
+        main(["--input", str(tmp_path / "docs.parquet"), "--out", str(tmp_path / "x"), "--train-tokenizer", "320"])
+    assert e.value.code == 2
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed: `import pyarrow` fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "docs.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "docs.parquet"), "--out", str(tmp_path / "out"), "--train-tokenizer", "320"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "pip install pyarrow" in err

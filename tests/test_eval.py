@@ -309,6 +309,7 @@ def test_cli_ppl_text_and_bin_data(checkpoint, texts, tmp_path, capsys):
     r = res["results"][1]["ppl"]["512"]
     assert r["docs"] == len(long_docs) and r["tokens"] == 511 * len(long_docs)
     assert r["ppl"] == pytest.approx(math.exp(nll / r["tokens"]), rel=1e-5)
+    assert res["documents"] == [str(texts / f"doc{i}.txt") for i in range(4) if len(docs[i]) >= 512]
     if _has_matplotlib():
         assert (tmp_path / "res" / "ppl.png").stat().st_size > 1000
     else:
@@ -319,9 +320,11 @@ def test_cli_ppl_text_and_bin_data(checkpoint, texts, tmp_path, capsys):
     prepare(str(tmp_path / "data"), docs_for_prepare[:1], docs_for_prepare, tokenizer=checkpoint)
     ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(tmp_path / "data" / "val.bin"), "--lengths", "128,512",
              "--rope", "yarn:4", "--json", str(tmp_path / "bin.json"), "--max-docs", "5"])
-    res_bin = json.loads((tmp_path / "bin.json").read_text())["results"][0]["ppl"]
+    run_bin = json.loads((tmp_path / "bin.json").read_text())
+    res_bin = run_bin["results"][0]["ppl"]
     assert res_bin["512"]["ppl"] == pytest.approx(r["ppl"], rel=1e-5)
     assert res_bin["128"]["ppl"] == pytest.approx(res["results"][1]["ppl"]["128"]["ppl"], rel=1e-5)
+    assert run_bin["documents"] == res["documents"]  # a prepared split names its documents as they were read
 
 
 def test_cli_ppl_strided_and_plot_optional(checkpoint, texts, tmp_path, capsys, monkeypatch):
@@ -333,6 +336,60 @@ def test_cli_ppl_strided_and_plot_optional(checkpoint, texts, tmp_path, capsys, 
     n = len(load_tokenizer(checkpoint).encode((texts / "doc3.txt").read_text())) + 1  # with BOS
     assert res["64"]["tokens"] == res["128"]["tokens"] == n - 1  # the whole document, at each length
     assert "stride 32" in stdout and "plot skipped" in err and not (tmp_path / "s.png").exists()
+
+
+def test_cli_ppl_same_documents_at_every_length(checkpoint, texts, tmp_path, capsys):
+    """The paper's protocol by default: the documents that reach the longest length, each truncated to
+    every length; --docs-per-length scores at each length all that reach it (different texts)."""
+    tok = load_tokenizer(checkpoint)
+    lens = {str(texts / f"doc{i}.txt"): 1 + len(tok.encode((texts / f"doc{i}.txt").read_text())) for i in range(4)}
+    assert sorted(lens.values()) == list(lens.values()) and lens[str(texts / "doc1.txt")] < 1024  # 482 ... 2007
+    long_names = [name for name, n in lens.items() if n >= 1024]
+    runs = {}
+    for flags in ([], ["--docs-per-length"]):
+        out = tmp_path / f"run{len(flags)}.json"
+        ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts), "--lengths", "128,1024",
+                 "--json", str(out), *flags])
+        runs[bool(flags)] = json.loads(out.read_text())
+    err = capsys.readouterr().err
+    same, per_length = runs[False], runs[True]
+    assert same["docs_per_length"] is False and per_length["docs_per_length"] is True
+    assert same["documents"] == long_names  # named once: the same documents at both lengths
+    assert [same["results"][0]["ppl"][n]["docs"] for n in ("128", "1024")] == [len(long_names)] * 2
+    assert f"{len(long_names)} documents of at least 1024 tokens, each scored at every length" in err
+    assert per_length["documents"] == {"128": list(lens), "1024": long_names}  # one list per length
+    assert per_length["results"][0]["ppl"]["128"]["docs"] == 4
+    assert "names" not in same["results"][0]["ppl"]["128"]  # named once, at the top
+    # the longest length scores the same set either way; the short one is the long documents' first 128 tokens
+    assert per_length["results"][0]["ppl"]["1024"]["ppl"] == pytest.approx(same["results"][0]["ppl"]["1024"]["ppl"],
+                                                                          rel=1e-6)
+    model = Llama.from_pretrained(checkpoint)
+    docs = [np.array([tok.bos_id] + tok.encode(open(name).read())) for name in long_names]
+    nll = sum(ev.perplexity(model, d[:128], 128)[0] for d in docs)
+    assert same["results"][0]["ppl"]["128"]["ppl"] == pytest.approx(math.exp(nll / (127 * len(docs))), rel=1e-5)
+    # --max-docs takes the first of the long documents, at every length
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts), "--lengths", "128,1024", "--max-docs", "1",
+             "--json", str(tmp_path / "one.json")])
+    assert json.loads((tmp_path / "one.json").read_text())["documents"] == long_names[:1]
+    assert ev.choose_documents([("a", [0] * 5), ("b", [0] * 9), ("c", [0] * 9)], [4, 8], max_docs=1,
+                               per_length=True) == {4: [("a", [0] * 5)], 8: [("b", [0] * 9)]}
+
+
+def test_cli_ppl_stride_cost_is_announced(checkpoint, texts, capsys):
+    """Windows of 128 tokens moving by 1 read each scored token about 128 times: one line says so first."""
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts / "doc3.txt"), "--lengths", "128",
+             "--stride", "1", "--max-tokens", "256"])
+    err = capsys.readouterr().err.splitlines()
+    passes, read, scored = 1 + 128, 129 * 128, 255  # one window of 128, then one more per new token up to 256
+    warning = [line for line in err if line.startswith("warning: --stride")]
+    assert warning == [f"warning: --stride 1: {passes} forward passes reading {read:,} tokens to score {scored} "
+                       f"({read / scored:.0f}x, for each --rope method); a larger --stride or fewer --max-docs "
+                       "costs less"]
+    assert err.index(warning[0]) < min(i for i, line in enumerate(err) if "perplexity" in line)  # before the run
+    # stride 32 reads each token about 4 times: quiet
+    ev.main(["ppl", *ON_CPU, "--model", checkpoint, "--data", str(texts / "doc3.txt"), "--lengths", "128",
+             "--stride", "32"])
+    assert "warning: --stride" not in capsys.readouterr().err
 
 
 def test_cli_label_and_report_merge_runs(checkpoint, texts, tmp_path, capsys):
@@ -403,6 +460,8 @@ def _has_matplotlib():
     (["ppl", "--lengths", "128", "--data", "/nonexistent/val.bin"], "not found"),
     (["ppl", "--lengths", "128", "--data", "/nonexistent/dir"], "not found"),
     (["ppl", "--lengths", "128", "--max-tokens", "500"], "--stride"),
+    (["ppl", "--lengths", "128,4096"], "no document has 4096 tokens"),  # the longest is 2007: names the ways out
+    (["ppl", "--lengths", "128,4096"], "--docs-per-length"),
     (["passkey", "--lengths", "128", "--trials", "0"], "--trials"),
     (["passkey", "--lengths", "8"], "too short"),
     (["passkey", "--lengths", "128", "--depths", "1.5"], "--depths"),

@@ -304,7 +304,8 @@ def check_args(args):
 
 
 def read_documents(args, cfg):
-    """ppl's documents, chosen for each length (choose_documents): {length: [(name, 1-D token ids)]}."""
+    """ppl's documents, chosen for each length (choose_documents): {length: [(name, 1-D token ids)]}, and the
+    vocabulary they were tokenized with."""
     docs, vocab = reading(load_documents, args.data, args.model)
     if vocab > cfg.vocab_size:
         raise UserError(f"--data was tokenized with a vocabulary of {vocab}, larger than the model's {cfg.vocab_size}")
@@ -319,7 +320,7 @@ def read_documents(args, cfg):
     note_documents(docs, chosen, args.docs_per_length)
     if args.stride is not None:
         warn_stride_cost(chosen, args.stride, args.max_tokens)
-    return chosen
+    return chosen, vocab
 
 
 def note_documents(docs, chosen, per_length):
@@ -342,7 +343,7 @@ def warn_stride_cost(chosen, stride, max_tokens):
 
 
 def read_tokenizer(args, cfg):
-    """passkey's tokenizer, checked on the shortest prompt."""
+    """passkey's tokenizer, checked on the shortest prompt, and its vocabulary's size."""
     from data.tokenizer import load_tokenizer
     tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
     try:
@@ -351,7 +352,7 @@ def read_tokenizer(args, cfg):
         raise UserError(str(e)) from None
     if max(ids) >= cfg.vocab_size:
         raise UserError(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}")
-    return tok
+    return tok, tok.vocab_size
 
 
 def run(args, model, ropes, labels, inputs, device):
@@ -392,6 +393,18 @@ def scored_documents(results):
     return next(iter(names.values())) if len({tuple(v) for v in names.values()}) == 1 else names
 
 
+def drop_padding(model, vocab):
+    """A model padded past its tokenizer (Qwen2.5 7B: 152,064 rows for 151,665 tokens): the rows past
+    `vocab` stand for no token, so perplexity and decoding are over the tokenizer's `vocab`, as if the head
+    had only those rows."""
+    rows = model.config.vocab_size
+    if vocab < rows:
+        note(f"note: the model's {rows} output rows go past the tokenizer's {vocab} tokens: the {rows - vocab} "
+             "padding rows are left out")
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[:vocab], requires_grad=False)
+        model.lm_head.out_features = vocab
+
+
 def main(argv=None):
     with one_line_errors():
         args = parse_args(argv)
@@ -400,10 +413,11 @@ def main(argv=None):
         cfg, ropes, labels, notes = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        inputs = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
+        inputs, vocab = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
         for line in notes:  # which L a --rope METHOD scales from, when config.json does not say it
             note(line)
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        drop_padding(model, vocab)
         with attention_backends(device, dtype):
             results = run(args, model, ropes, labels, inputs, device)
         report.write_run(run_json(args, results), args.json, args.plot)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from common import UserError
 from data.tokenizer import load_tokenizer, train_tokenizer
-from publish import copy_file, new_file
+from publish import copy_file, new_dir, new_file
 
 
 # -----------------------------------------------------------------------------
@@ -223,10 +223,12 @@ def encode_chunk(texts):
     return [encode(WORKER_TOKENIZER, text) for text in texts]
 
 
-def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, min_tokens=0, workers=1):
+def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, min_tokens=0, workers=1, extra=None):
     """Tokenizer, train.bin, val.bin and meta.json in out. Give tokenizer (a path) or vocab_size. Documents
     of fewer than min_tokens tokens are left out of both splits (the tokenizer is trained on all the
-    training documents: a length in tokens needs the tokenizer first); workers processes tokenize."""
+    training documents: a length in tokens needs the tokenizer first); workers processes tokenize. `extra`
+    ({relative path: text}) is written beside them. All of it goes into a directory staged beside out and
+    swapped in when complete (publish.new_dir): a dataset that was there stays whole until then."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
         model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
@@ -234,36 +236,65 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
         tok = load_tokenizer(tokenizer)
         if tok.eos_id < 0:
             raise ValueError(f"{tokenizer} has no EOS token, so document ends cannot be marked")
-    # 2) a stale meta.json would vouch for the half-written files of this run: remove it
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))
-    # 3) the tokenizer file(s) into out, so the folder stands alone
-    if tokenizer is None:
-        with new_file(os.path.join(out, "tokenizer.model"), "wb") as f:
-            f.write(model)
-        tok = load_tokenizer(os.path.join(out, "tokenizer.model"))
-    else:
-        for src in tok.files:
-            dst = os.path.join(out, os.path.basename(src))
-            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-                copy_file(src, dst)
-    # 4) the two splits, then meta.json last
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-    meta = {
-        "dtype": dtype,
-        "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "tokenizer": os.path.basename(tok.files[0]),
-        "train": write_split(train_docs, tok, os.path.join(out, "train.bin"), dtype, "train", min_tokens, workers),
-        "val": write_split(val_docs, tok, os.path.join(out, "val.bin"), dtype, "val", min_tokens, workers),
-    }
-    if not (meta["train"]["docs"] or meta["val"]["docs"]):
-        raise ValueError(f"every document is shorter than {min_tokens} tokens, the minimum asked")
-    with new_file(os.path.join(out, "meta.json")) as f:
-        f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
+    with new_dir(out) as tmp:
+        # 2) the tokenizer file(s), so the folder stands alone
+        if tokenizer is None:
+            with new_file(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(model)
+            tok = load_tokenizer(os.path.join(tmp, "tokenizer.model"))
+        else:
+            for src in tok.files:
+                copy_file(src, os.path.join(tmp, os.path.basename(src)))
+        # 3) the two splits, then meta.json
+        dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+        meta = {
+            "dtype": dtype,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "tokenizer": os.path.basename(tok.files[0]),
+            "train": write_split(train_docs, tok, os.path.join(tmp, "train.bin"), dtype, "train", min_tokens, workers),
+            "val": write_split(val_docs, tok, os.path.join(tmp, "val.bin"), dtype, "val", min_tokens, workers),
+        }
+        if not (meta["train"]["docs"] or meta["val"]["docs"]):
+            raise ValueError(f"every document is shorter than {min_tokens} tokens, the minimum asked")
+        for name, text in (extra or {}).items():
+            with new_file(os.path.join(tmp, name), "wb") as f:
+                f.write(text.encode())
+        with new_file(os.path.join(tmp, "meta.json")) as f:
+            f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
     return meta
+
+
+DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "heldout")
+
+
+def check_out(out, inputs):
+    """--out of a command that writes a dataset: new, empty, or a dataset of ours (a meta.json, and nothing
+    but what prepare writes: an earlier run's), and none of the command's `inputs` inside it. Raises
+    ValueError, the one line for the user."""
+    out = os.path.abspath(out)
+    for path in inputs:
+        path = os.path.abspath(path)
+        if os.path.commonpath([path, out]) == out:
+            raise ValueError(f"--input {path} is inside --out {out}: writing the dataset there would replace it")
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ValueError(f"cannot write --out {out}: it is a file, not a directory")
+    names = [n for n in os.listdir(out) if not (n.startswith(".") and ".tmp-" in n)]  # a crashed run's debris
+    if not names:
+        return
+    try:
+        ours = DATASET_FILES + (read_meta(out)["tokenizer"],)
+    except (OSError, ValueError):
+        raise ValueError(f"--out {out} is not a dataset (no readable meta.json) and not empty: refusing to replace "
+                         "what it holds; pick a new or empty directory") from None
+    foreign = sorted(n for n in names if n not in ours)
+    if foreign:
+        raise ValueError(f"--out {out} holds {foreign[0]!r}, which data/prepare.py did not write: refusing to replace "
+                         "the folder; pick a new or empty directory")
 
 
 # -----------------------------------------------------------------------------

@@ -18,20 +18,20 @@ read a row group at a time (needs pyarrow). Documents are split into train/val *
 shuffle); --min-tokens then leaves the short ones out of both, so a document's split never depends on it.
 
 Output, in --out: train.bin, val.bin, a copy of the tokenizer and meta.json, the format data/packed.py
-describes (and writes, and reads). meta.json is written last and every file goes through a temporary
-name, so a folder with a meta.json is always complete.
+describes (and writes, and reads). --out must be new, empty, or a dataset this command wrote (nothing
+else in it), and hold none of the inputs; the new dataset is written whole beside it and swapped in, so
+an earlier one stays complete until the new one is.
 
 This command is its flags and one error boundary; the work is in libraries: data/tokenizer.py (load_tokenizer,
 train_tokenizer) and data/packed.py (find_documents, split_documents, prepare; read_meta, PackedData).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `common`
 from common import ArgumentParser, UserError, one_line_errors  # noqa: E402
-from data.packed import find_documents, prepare, split_documents  # noqa: E402
+from data.packed import check_out, find_documents, prepare, split_documents  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +40,7 @@ def main(argv=None):
 
 
 def run(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help=".txt files, directories of .txt files, .jsonl files, or .parquet files (with pyarrow)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json and the tokenizer")
@@ -62,6 +62,10 @@ def run(argv):
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.min_tokens < 0 or args.workers < 1:
         raise UserError(f"--min-tokens must be >= 0 and --workers >= 1, got {args.min_tokens} and {args.workers}")
+    try:  # before any work: --out is new, empty or a dataset of ours, and holds no input
+        check_out(args.out, args.input)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     docs = find_documents(args.input, args.text_key)
     train, val = split_documents(docs, args.val_fraction, args.seed)
     try:
@@ -82,4 +86,4 @@ def run(argv):
 
 
 if __name__ == "__main__":
-    main()  # Ctrl-C: one line and exit code 130 (one_line_errors); meta.json is written last
+    main()  # Ctrl-C: one line and exit code 130 (one_line_errors); an earlier dataset in --out stays whole

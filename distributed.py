@@ -42,9 +42,6 @@ def environment(device="auto", dtype="auto"):
     return Env(rank, local_rank, max(world, 1), dev, bf16, fsdp="WORLD_SIZE" in os.environ or cuda)
 
 
-_host_group = None  # any_rank's process group; None: the default one (gloo already, on CPUs)
-
-
 def start(env, cleanup):
     """Join the process group (torchrun's environment says where the others are; one plain process is a
     group of one). A group made here for a single process is left by `cleanup`, so main() can run again."""
@@ -57,8 +54,6 @@ def start(env, cleanup):
                             device_id=env.device if env.device.type == "cuda" else None, **alone)
     if alone:
         cleanup.callback(leave)
-    global _host_group  # any_rank's: on GPUs a gloo group beside NCCL's, so agreeing never waits for the GPU
-    _host_group = dist.new_group(backend="gloo") if env.device.type == "cuda" and env.world > 1 else None
 
 
 
@@ -91,8 +86,9 @@ def any_rank(flags, env):
     rank saving while another trains would wait forever in their collectives)."""
     if env.world == 1:
         return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags])  # on the host: the GPU's queue goes on while the ranks agree
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    # reading it waits for the step's kernels, as reading the step's loss (progress.py) does anyway
+    t = torch.tensor([float(f) for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 

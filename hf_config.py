@@ -167,15 +167,16 @@ def replaced_scaling_note(old, new):
         return None
     return (f"note: {new.method} s={new.factor:g} over L={new.original_max_position_embeddings} replaces this "
             f"checkpoint's {old.method} s={old.factor:g} (config.json holds one method): the new frequencies reach "
-            f"{int(new.factor * new.original_max_position_embeddings)} tokens, and the fine-tune adapts the model to them")
+            f"{new.context_length} tokens, and the fine-tune adapts the model to them")
 
 
 def widen_tokenizer_config(path, context):
     """tokenizer_config.json's model_max_length caps the context in vLLM (and in transformers' warnings): a
     checkpoint extended to `context` tokens says so there too, where the file says less."""
-    if not os.path.isfile(path):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):  # none, or one transformers will complain about itself: left as it came
         return
-    with open(path) as f:
-        cfg = json.load(f)
     if isinstance(cfg, dict) and isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < context:
         write_json(path, {**cfg, "model_max_length": context})

@@ -65,7 +65,7 @@ class LlamaConfig:
     @property
     def context_length(self):
         """How far the RoPE method is meant to reach: s * L (L for plain RoPE)."""
-        return int(self.rope.factor * self.rope.original_max_position_embeddings)
+        return self.rope.context_length
 
     @classmethod
     def from_pretrained(cls, path, rope_scaling=...):
@@ -416,8 +416,8 @@ def attention(q, k, v, mask=None):
     """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
     (B, KV, S, D); each group of H/KV query heads reads one K/V head (no copies). `mask` (S,): the cache
     positions to attend to, when k and v are a whole preallocated cache (decode_step). The fused kernel
-    (flash on CUDA) does the work; one query over a cache, and on a CPU a prefill chunk after a cached
-    prefix, go to fastpaths.py, where they run faster."""
+    (flash on CUDA) does the work; fastpaths.py takes the masked decode step (any device) and, on a CPU, one
+    query or a prefill chunk after a cached prefix, which run faster there."""
     T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
     if mask is not None or (q.device.type == "cpu" and (T == 1 or S > T)):
         return cache_attention(q, k, v, mask)

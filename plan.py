@@ -2,16 +2,16 @@
 What a training run will cost, worked out before it runs, from the model's config alone: memory per GPU
 by part, tokens, disk, and time at a stated MFU. `train.py --dry-run` prints it and exits (exit code 2,
 with a --seq-len or --activation-checkpointing that would fit, when it does not fit); every real run
-prints it first, and on CUDA refuses to start a run that cannot fit.
+prints it first, and on CUDA refuses to start a run that cannot fit (--no-fit-check runs it anyway).
 
-    p = Plan(mcfg, seq_len=65536, mode="full", batch_size=64, steps=400, gpus=8, memory=80 * 2**30,
-             peak_flops=989e12)
+    p = Plan(mcfg, seq_len=65536, mode="full", batch_size=64, steps=400, micro_batch=1, gpus=8,
+             memory=80 * 2**30, peak_flops=989e12)
     print(p.text())            # the plan, for the user
     p.fits, p.hint()           # whether it fits, and what would
 
 The memory model counts what each part of a step holds at its peak (the first block's backward, when
 every layer's kept activations are still there), in bytes, with b the compute dtype's size (2 for bf16),
-T the sequence length and P the parameter count:
+T the tokens of one forward pass (--micro-batch x --seq-len) and P the parameter count:
   sharded state (FSDP2 over N GPUs)   fp32 weights 4P/N, fp32 gradients 4P/N, AdamW moments 8P/N
   gathered weights                    b * (2 blocks: the one running, the one prefetched; + embeddings and head)
   kept activations                    per layer: none keeps what autograd saves (activation_bytes below,
@@ -25,23 +25,18 @@ It is an estimate: no allocator slack or fragmentation is modelled, which is why
 90% of the GPU's memory.
 """
 
-import math
 from dataclasses import dataclass, replace
 
-import torch
 
-# dense bf16 peak of each GPU (datasheet, without sparsity), found by a substring of its name; and its memory
+# dense bf16 peak of each GPU (datasheet, without sparsity), found by a substring of its name
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 GIB = 2**30
 FITS = 0.9  # a plan fits when its estimate is at most this share of the GPU's memory
 
 
-def flops(model, mcfg, seq_len, device):
-    """(parameters, flops per token, the GPU's peak bf16 flops or None) of a built model."""
-    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
-    return n_params, flops_per_token(mcfg, n_params, seq_len), peak
+def peak_flops(device_name):
+    """The datasheet's dense bf16 FLOP/s of a GPU named so, or None."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
 def flops_per_token(mcfg, n_params, seq_len):
@@ -103,6 +98,7 @@ class Plan:
     mode: str                    # activation checkpointing: none, full, selective
     batch_size: int              # sequences per step, all GPUs together
     steps: int
+    micro_batch: int             # sequences in one forward pass: what the activations are held for
     gpus: int
     memory: float | None         # bytes per GPU (a CPU: the machine's); None when unknown
     bf16: bool = True            # the compute dtype (fp32 master weights either way)
@@ -113,7 +109,8 @@ class Plan:
 
     def __post_init__(self):
         self.params, P_block, P_root = param_counts(self.mcfg)
-        m, T, b, P = self.mcfg, self.seq_len, 2 if self.bf16 else 4, self.params
+        m, b, P = self.mcfg, 2 if self.bf16 else 4, self.params
+        T = self.micro_batch * self.seq_len  # the tokens of one forward pass: every activation is linear in them
         fsdp = self.device == "GPU" or self.gpus > 1
         C, V, I = m.hidden_size, m.vocab_size, m.intermediate_size
         H, KV, D = m.num_attention_heads, m.num_key_value_heads, m.head_dim
@@ -132,8 +129,9 @@ class Plan:
             "loss (fp32 head gradient, dh, one chunk)": 4 * V * C + 2 * b * T * C + rows * V * (4 + b) + b * V * C,
             "attention workspace (backward)": 4 * T * H * D + b * T * D * (H + 2 * KV),
         }
-        self.tokens_per_step = self.batch_size * T
-        self.step_seconds = (flops_per_token(m, P, T) * self.tokens_per_step / (self.gpus * self.peak_flops * self.mfu)
+        self.tokens_per_step = self.batch_size * self.seq_len
+        self.flops_per_token = flops_per_token(m, P, self.seq_len)
+        self.step_seconds = (self.flops_per_token * self.tokens_per_step / (self.gpus * self.peak_flops * self.mfu)
                              if self.peak_flops else None)
         self.checkpoint_bytes = 12 * P  # fp32 weights and both AdamW moments, over all the ranks' files
         self.export_bytes = self.export_itemsize * P

@@ -8,7 +8,8 @@ run or for several merged into one table.
 
 A run is what `eval.py ppl --json` (or passkey --json) writes: {"task", "model", "lengths", the task's own
 flags, "results": [{"method", "ppl" or "accuracy", ...}, ...]}.
-What guards it: check_output refuses an output path that cannot be written, before the evaluation runs;
+What guards it: check_outputs refuses, before the evaluation runs, an output that cannot be written or is
+a file of another kind (publish.check_target: a result, a table and a plot of ours may be replaced);
 check_run refuses JSON of another shape (report turns that into a UserError naming the file); every file
 is written through publish.py. Plots need matplotlib: without it they are skipped, with a note.
 """

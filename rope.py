@@ -90,6 +90,11 @@ class RopeConfig:
         """Whether the frequencies depend on the current length l (then pass it as seq_len)."""
         return self.method in DYNAMIC_METHODS
 
+    @property
+    def context_length(self):
+        """s * L: how far the method is meant to reach (L for plain RoPE)."""
+        return int(self.factor * self.original_max_position_embeddings)
+
     def replace(self, **changes):
         return RopeConfig(**{**asdict(self), **changes})
 

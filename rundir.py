@@ -33,7 +33,7 @@ from publish import move_into, new_file, publish_dir, remove_dir, stage_dir, wri
 
 METRICS = "metrics.jsonl"
 EXPORT = ".export"  # the export, complete, before publish_export moves it into out
-STEP_DIR = re.compile(r"step-\d{6}")
+STEP_DIR = re.compile(r"step-\d{6,}")  # what save_state names them, and nothing else
 
 
 # ---- which --out, and one run at a time ---------------------------------------------------------------
@@ -112,7 +112,8 @@ def publish_export(out):
 
 def checkpoints(out):
     folder = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if STEP_DIR.fullmatch(n)) if os.path.isdir(folder) else []
+    names = sorted((n for n in os.listdir(folder) if STEP_DIR.fullmatch(n)), key=lambda n: int(n[5:])) \
+        if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in names]
 
 
@@ -191,7 +192,7 @@ def save_state(model, optimizer, tc, step, env):
         write_json(os.path.join(tmp, "train_state.json"), {"step": step, "samples": step * tc.batch_size,
                                                            "world": env.world, "sharded": sharded, "rng": rngs,
                                                            "config": asdict(tc)})
-        old = checkpoints(tc.out)
+        old = [p for p in checkpoints(tc.out) if os.path.basename(p) != os.path.basename(final)]
         publish_dir(tmp, final)
         for path in old:
             remove_dir(path)

@@ -36,7 +36,7 @@ import time
 import torch
 
 from common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_backends,
-                    check_seed, describe, note, one_line_errors, original_context, pick_device, pick_dtype, reach,
+                    check_seed, describe, note, one_line_errors, original_context, pick_device, pick_dtype,
                     reading, rope_config, yarn_scale)
 from hf_config import replaced_scaling_note
 from generation import check_sampling, generate, sync
@@ -169,7 +169,7 @@ def choose_rope(args, cfg):
     L, notes = original_context(args.model, cfg.rope, args.rope, args.original_ctx)
     rope = rope_config(cfg.rope, args.rope, args.rope_factor, args.ctx or cfg.context_length, L)
     notes += [n for n in [replaced_scaling_note(cfg.rope, rope)] if n]
-    return rope, args.ctx or reach(rope), notes
+    return rope, args.ctx or rope.context_length, notes
 
 
 def read_prompt(args, tok, cfg, ctx):
@@ -210,8 +210,9 @@ def load(args, rope, ctx, device, dtype, prompt_len, notes):
     """The weights, then the KV cache for the whole context, once."""
     for line in notes:
         note(line)
-    if ctx > reach(rope) and not rope.is_dynamic:
-        note(f"note: --ctx {ctx} exceeds the {reach(rope)} tokens that {describe(rope)} reaches (s*L); continuing")
+    if ctx > rope.context_length and not rope.is_dynamic:
+        note(f"note: --ctx {ctx} exceeds the {rope.context_length} tokens that {describe(rope)} reaches (s*L); "
+             "continuing")
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
     model.set_rope(rope)
     cfg = model.config

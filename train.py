@@ -50,7 +50,6 @@ from common import UserError, one_line_errors
 from data.packed import PackedData
 from hf_config import widen_tokenizer_config
 from model import Llama
-from plan import flops
 from progress import Progress
 from train_config import check, check_fits, parse_args, run_plan, save_interval
 
@@ -190,11 +189,10 @@ def train_loop(model, optimizer, data, tc, env, start, progress, stop):
                 group["lr"] = lr
             loss, norm = train_step(model, optimizer, train, order, step, tc, env, amp)
             progress.step(step + 1, loss, norm, lr, t0)
-            last = step + 1 == tc.steps
-            stopping, due = distributed.any_rank([stop.requested and not last,
+            stopping, due = distributed.any_rank([stop.requested,
                                                   bool(save_seconds) and time.monotonic() - last_save >= save_seconds],
                                                  env)
-            evaluate_now = last or (tc.eval_every and (step + 1) % tc.eval_every == 0 and not stopping)
+            evaluate_now = not stopping and (step + 1 == tc.steps or tc.eval_every and (step + 1) % tc.eval_every == 0)
             save_now = stopping or due or (save_steps and (step + 1) % save_steps == 0)
             if evaluate_now or save_now:  # the log is complete up to this step before evaluating or saving
                 log = progress.flush()
@@ -290,7 +288,7 @@ def run(argv, cleanup):
     plan = run_plan(tc, mcfg, env, save_dtype)              # 3) what it will cost: printed, and must fit
     if env.master:
         print("\n".join(notes + [plan.text()]), flush=True)
-    if tc.dry_run or env.device.type == "cuda":
+    if tc.dry_run or env.device.type == "cuda" and tc.fit_check:
         check_fits(plan)
     if tc.dry_run:
         return 0
@@ -301,12 +299,11 @@ def run(argv, cleanup):
                                   fused=env.device.type == "cuda", foreach=None if env.device.type == "cuda" else True)
     data = PackedData(tc.data, "train"), PackedData(tc.data, "val")
     start = rundir.resume(model, optimizer, tc, env)
-    n_params, flops_per_token, peak = flops(model, mcfg, tc.seq_len, env.device)
     if env.master:
-        print(f"{n_params / 1e6:.1f}M parameters, {env.world} process(es) x "
+        print(f"{plan.params / 1e6:.1f}M parameters, {env.world} process(es) x "
               f"{tc.batch_size // (env.world * tc.micro_batch)} micro-steps x {tc.micro_batch} = {tc.batch_size} "
               f"sequences per step{f', resuming at step {start}' if start else ''}", file=sys.stderr)
-    progress = Progress(tc, env, start, flops_per_token, peak)
+    progress = Progress(tc, env, start, plan.flops_per_token, plan.peak_flops if env.device.type == "cuda" else None)
     log, stopped = train_loop(model, optimizer, data, tc, env, start, progress, stop)   # 6) the loop
     if stopped:
         if env.master:

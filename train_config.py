@@ -24,7 +24,7 @@ from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
 from hf_config import pretraining_context, replaced_scaling_note
 from model import CHECKPOINTING, Llama, LlamaConfig
-from plan import FITS, GIB, PEAK_BF16_FLOPS, Plan
+from plan import FITS, GIB, Plan, peak_flops
 from publish import check_writable
 from rope import METHODS, RopeConfig
 
@@ -46,7 +46,8 @@ class TrainConfig:
     # which RoPE method, over which original context L
     yarn_scale: float = arg(None, "YaRN scale s, the same as --rope yarn --rope-factor s", float)
     rope: str = arg(None, "RoPE method (default: the checkpoint's own)", str, METHODS)
-    rope_factor: float = arg(None, "scale s of --rope: the new context is s*L", float)
+    rope_factor: float = arg(None, "scale s of --rope (without it: of the checkpoint's own method): the new context "
+                                   "is s*L", float)
     original_ctx: int = arg(None, "L, the checkpoint's original context (default: read from its config.json)", int)
     seq_len: int = arg(None, f"training length, a multiple of {SEQ_MULTIPLE} (default s*L; shorter is fine)", int)
     # the paper's recipe
@@ -82,10 +83,14 @@ class TrainConfig:
     log_seconds: float = arg(60.0, "see --log-every")
     # the plan: memory, tokens, disk and time, before anything is read
     dry_run: bool = arg(False, "print the plan (memory per GPU by part, tokens, disk, time) and exit: 0 if it "
-                               "fits, 2 if not; reads config.json only, no weights, no data")
-    gpus: int = arg(None, "plan for this many GPUs (default: this run's processes)", int)
-    gpu_memory: float = arg(None, "plan for GPUs of this many GiB (default: this machine's GPU)", float)
+                               "fits, 2 if not; reads config.json only (a scratch model: the dataset's meta.json), "
+                               "no weights, no data")
+    gpus: int = arg(None, "with --dry-run: plan for this many GPUs (default: this run's processes)", int)
+    gpu_memory: float = arg(None, "with --dry-run: plan for GPUs of this many GiB (default: this machine's GPU)",
+                            float)
     mfu: float = arg(0.4, "the model FLOPs utilisation the plan's time estimate assumes")
+    fit_check: bool = arg(True, "on CUDA, refuse a run whose plan does not fit the GPU (--no-fit-check: the plan is "
+                                "an estimate; run anyway)")
     # --init scratch: the model's shape (the vocabulary is the tokenizer's)
     tokenizer: str = arg(None, "scratch: tokenizer file or directory (default: the dataset's)", str)
     n_layer: int = arg(6, "scratch: layers")
@@ -104,7 +109,7 @@ GROUPS = {
                                           "weight_decay", "grad_clip", "seed"),
     "engine": ("device", "dtype", "activation_checkpointing", "compile"),
     "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
-    "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu"),
+    "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu", "fit_check"),
     "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
                                                    "intermediate_size", "rope_theta"),
 }
@@ -135,7 +140,7 @@ def check(tc, env):
     check_flags(tc)
     if not tc.dry_run:
         check_writable(tc.out, "--out")
-    tc, mcfg, tok_files, notes = resolve(tc, env.world)
+    tc, mcfg, tok_files, notes = resolve(tc, tc.gpus or env.world)
     if not tc.dry_run:
         rundir.check_out(tc)
         rundir.check_resume(tc)
@@ -151,8 +156,8 @@ def check(tc, env):
 
 
 def run_plan(tc, mcfg, env, save_dtype):
-    """The plan (plan.py) of this run: for --gpus/--gpu-memory if given, else for the GPUs it runs on, or
-    for its CPU processes (each with its share of the machine's memory, no time estimate)."""
+    """The plan (plan.py) of this run: for --gpus/--gpu-memory (a dry run) if given, else for the GPUs it runs
+    on, or for its CPU processes (each with its share of the machine's memory, no time estimate)."""
     gpu = tc.gpus is not None or tc.gpu_memory is not None or env.device.type == "cuda"
     cuda = env.device.type == "cuda" and torch.cuda.is_available()
     if tc.gpu_memory:
@@ -163,17 +168,17 @@ def run_plan(tc, mcfg, env, save_dtype):
         raise UserError("--gpus: give --gpu-memory GiB too (no GPU here to read it from)")
     else:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / env.world
-    name = torch.cuda.get_device_name(env.device) if cuda else "H100"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if gpu else None
-    return Plan(mcfg, tc.seq_len, tc.activation_checkpointing, tc.batch_size, tc.steps, tc.gpus or env.world, memory,
-                bf16=tc.dtype == "bf16" or (tc.dtype == "auto" and gpu), peak_flops=peak, mfu=tc.mfu,
-                device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize)
+    peak = peak_flops(torch.cuda.get_device_name(env.device) if cuda else "H100") if gpu else None
+    return Plan(mcfg, tc.seq_len, tc.activation_checkpointing, tc.batch_size, tc.steps, tc.micro_batch,
+                tc.gpus or env.world, memory, bf16=tc.dtype == "bf16" or (tc.dtype == "auto" and gpu), peak_flops=peak,
+                mfu=tc.mfu, device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize)
 
 
 def check_fits(plan):
     if not plan.fits:
         raise UserError(f"the plan needs {plan.total / GIB:.1f} GiB per {plan.device}, more than {FITS:.0%} of its "
-                        f"{plan.memory / GIB:.0f} GiB: {plan.hint()}")
+                        f"{plan.memory / GIB:.0f} GiB: {plan.hint()} (the plan is an estimate: --no-fit-check runs "
+                        "it anyway)")
 
 
 def check_flags(tc):
@@ -211,6 +216,9 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
+    if (tc.gpus is not None or tc.gpu_memory is not None) and not tc.dry_run:
+        raise UserError("--gpus and --gpu-memory plan a run elsewhere: give them with --dry-run (a real run plans for "
+                        "the GPUs it has)")
     if tc.dtype == "fp16":
         raise UserError("--dtype fp16: training in fp16 needs loss scaling, which train.py does not do: use bf16 "
                         "(the paper's), or fp32")
@@ -225,6 +233,8 @@ def resolve(tc, world):
         tc = replace(tc, rope="yarn", rope_factor=tc.yarn_scale)
     if tc.rope not in (None, "none") and tc.rope_factor is None:
         raise UserError(f"--rope {tc.rope} needs --rope-factor")
+    if tc.rope_factor is not None and (tc.rope == "none" or tc.rope is None and tc.init == "scratch"):
+        raise UserError("--rope-factor needs a --rope METHOD other than none")
     if tc.init == "scratch":
         mcfg, tok_files, notes = scratch_model(tc, reading(read_meta, tc.data))
     else:
@@ -232,7 +242,7 @@ def resolve(tc, world):
         tok_files = [] if tc.dry_run else checkpoint_files(tc, mcfg, reading(read_meta, tc.data))
     json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     rope = mcfg.rope
-    tc = replace(tc, seq_len=tc.seq_len or int(rope.factor * rope.original_max_position_embeddings))
+    tc = replace(tc, seq_len=tc.seq_len or rope.context_length)
     if tc.seq_len <= 0 or tc.seq_len % SEQ_MULTIPLE:
         raise UserError(f"--seq-len (default s*L) must be a positive multiple of {SEQ_MULTIPLE}, got {tc.seq_len}")
     if not tc.dry_run:
@@ -279,8 +289,11 @@ def pretrained_config(tc):
     """--init CHECKPOINT: its config (config.json alone) with the RoPE method of the flags, and notes."""
     base = LlamaConfig.from_pretrained(tc.init)
     notes = []
-    if tc.rope is None:  # keep the checkpoint's own method (its L may still be overridden)
-        rope = base.rope.replace(original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
+    if tc.rope is None:  # keep the checkpoint's own method (its L and s may still be overridden)
+        if tc.rope_factor is not None and base.rope.method == "none":
+            raise UserError("--rope-factor needs a --rope METHOD: this checkpoint uses plain RoPE")
+        rope = checked(base.rope.replace, factor=tc.rope_factor or base.rope.factor,
+                       original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
     else:  # a new method scales from the context the model was pretrained at: said in one line unless config.json says it
         L, note = pretraining_context(read_config(tc.init), base.rope)
         rope = checked(RopeConfig, method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,

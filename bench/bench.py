@@ -59,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
 from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402
-from plan import PEAK_BF16_FLOPS  # noqa: E402
+from plan import peak_flops  # noqa: E402
 from publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
@@ -367,7 +367,7 @@ def machine_peak(device, dtype, n):
     res = dict(matmul_flops=2 * n**3 / matmul, copy_bytes_per_s=2 * x.numel() * 4 / copy)
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        datasheet = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        datasheet = peak_flops(name)
         if datasheet:
             res.update(matmul_flops_measured=res["matmul_flops"], matmul_flops=datasheet)
     return res

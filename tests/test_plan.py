@@ -78,12 +78,12 @@ def test_activation_bytes_are_what_autograd_saves(shape, dtype):
 
 def test_checkpointing_modes_order_and_scale():
     cfg = small()
-    plans = {m: Plan(cfg, 4096, m, 8, 10, 1, None) for m in ("none", "selective", "full")}
+    plans = {m: Plan(cfg, 4096, m, 8, 10, micro_batch=1, gpus=1, memory=None) for m in ("none", "selective", "full")}
     assert plans["none"].total > plans["selective"].total > plans["full"].total
-    long = Plan(cfg, 8192, "full", 8, 10, 1, None)
+    long = Plan(cfg, 8192, "full", 8, 10, micro_batch=1, gpus=1, memory=None)
     kept = "activations kept for backward (full)"
     assert long.parts[kept] == 2 * plans["full"].parts[kept]  # linear in the length
-    sharded = Plan(cfg, 4096, "full", 8, 10, 8, None)
+    sharded = Plan(cfg, 4096, "full", 8, 10, micro_batch=1, gpus=8, memory=None)
     assert sharded.parts["AdamW moments (fp32, sharded)"] * 8 == plans["full"].parts["AdamW moments (fp32, sharded)"]
 
 
@@ -123,7 +123,7 @@ def test_7b_at_64k_is_refused_on_8_gpus_of_20_gib_with_what_fits(llama_7b):
     again = dry_run("--init", llama_7b, "--yarn-scale", "16", "--gpus", "8", "--gpu-memory", "20",
                     "--activation-checkpointing", "full", "--seq-len", seq)
     assert again.returncode == 0 and "fits" in again.stdout  # the hint is a run that fits
-    # selective at 64k does not fit 8 x 40 GiB, full does: the hint names the mode first
+    # selective at 64k does not fit 8 x 64 GiB, full does: the hint names the mode first
     r = dry_run("--init", llama_7b, "--yarn-scale", "16", "--gpus", "8", "--gpu-memory", "64")
     assert r.returncode == 2 and "--activation-checkpointing full fits" in r.stderr, (r.stdout, r.stderr)
 
@@ -140,3 +140,38 @@ def test_every_run_prints_its_plan_first(work):
     notes, plan = r.stdout.split("plan: ")  # the note on L, then the plan
     assert notes.startswith("note: L = 64") and "memory per CPU" in plan and "128-token sequences" in plan
     assert r.stderr.index("step 1/1") > 0  # the plan came before the training
+
+
+def test_micro_batch_multiplies_what_one_forward_holds():
+    cfg = small()
+    one, four = (Plan(cfg, 4096, "selective", 8, 10, micro_batch=mb, gpus=1, memory=None) for mb in (1, 4))
+    for part in ("activations kept for backward (selective)", "attention workspace (backward)"):
+        assert four.parts[part] == 4 * one.parts[part]
+    assert four.parts["weights (fp32, sharded)"] == one.parts["weights (fp32, sharded)"]
+    assert four.tokens_per_step == one.tokens_per_step  # the step's tokens are the batch's, whatever the micro-batch
+
+
+def test_plan_flags_belong_to_a_dry_run_and_rope_factor_scales_the_own_method(llama_7b, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--init", str(llama_7b), "--data", str(tmp_path),
+                        "--gpus", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--dry-run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    # --rope-factor without --rope: the checkpoint's own method at that factor (plain RoPE has none to scale)
+    r = dry_run("--init", llama_7b, "--rope-factor", "4", "--gpus", "8", "--gpu-memory", "80")
+    assert r.returncode == 2 and "--rope-factor needs a --rope METHOD" in r.stderr, r.stderr
+    cfg = json.loads((llama_7b / "config.json").read_text())
+    cfg.update(rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096},
+               max_position_embeddings=32768)
+    (llama_7b / "config.json").write_text(json.dumps(cfg))
+    r = dry_run("--init", llama_7b, "--rope-factor", "4", "--seq-len", "8192", "--gpus", "8", "--gpu-memory", "80")
+    assert r.returncode == 0 and "yarn s=4 over L=4096" in r.stdout, r.stdout + r.stderr
+    # a dry run checks the batch against the GPUs it plans for, not this machine's processes
+    r = dry_run("--init", llama_7b, "--seq-len", "8192", "--gpus", "3", "--gpu-memory", "80", "--batch-size", "64")
+    assert r.returncode == 2 and "world size 3" in r.stderr, r.stderr
+
+
+def test_checkpoints_in_step_order_past_a_million(tmp_path):
+    import rundir
+    for n in ("step-000002", "step-1000000", "step-999999", "step-best", ".step-000003.tmp"):
+        (tmp_path / "checkpoints" / n).mkdir(parents=True)
+    names = [os.path.basename(p) for p in rundir.checkpoints(str(tmp_path))]
+    assert names == ["step-000002", "step-999999", "step-1000000"]

@@ -8,7 +8,6 @@ config.json is user input). model.py's LlamaConfig calls these; rope.py translat
 """
 
 import json
-import os
 import sys
 from dataclasses import fields, replace
 

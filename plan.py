@@ -69,7 +69,7 @@ def activation_bytes(mcfg, T, b):
     norms = 2 * (4 * T * C + 4 * T + 2 * b * T * C)
     attention = b * T * D * (H + 2 * KV) + 2 * b * T * H * D + 4 * H * T
     qk_norm = ((4 + b) * T * D + 4 * T) * (H + KV) if mcfg.qk_norm else 0
-    return norms + attention + qk_norm + 4 * b * T * mcfg.intermediate_size
+    return norms + attention + qk_norm + 4 * b * T * I
 
 
 def kept_bytes(mcfg, T, b, mode):

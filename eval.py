@@ -35,15 +35,11 @@ token after the first is scored exactly once; that costs about length / stride r
 token, and a run over 50 is announced with its forward passes and tokens before it starts.
 Perplexity = exp(total loss / total scored tokens) over the documents; the JSON names them (one list, or
 one per length when they differ). The loss runs in chunks of the vocabulary: memory is linear in the length.
-passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged: five lines joined
-by newlines, the task line "There is an important info hidden inside a lot of irrelevant text. Find it
-and memorize them. I will quiz you about the important information there.", filler ("The grass is
-green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated, space-separated),
-the key line "The pass key is K. Remember it. K is the pass key.", more filler, and the question "What is
-the pass key? The pass key is". The key line sits after a fraction `depth` of the filler sentences
-(0 = start, 1 = end); as many sentences as fit make the prompt (BOS included) at most each length
-tokens. Keys are random 5-digit numbers; greedy decoding; correct when the first integer of the answer
-is the key.
+passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged (data/passkey.py
+writes it): the task line, filler ("The grass is green. The sky is blue. ..."), the key line "The pass key
+is K. Remember it. K is the pass key." after a fraction `depth` of the filler (0 = start, 1 = end), more
+filler and "What is the pass key? The pass key is", at most each length tokens (BOS included). Keys are
+random 5-digit numbers; greedy decoding; correct when the first integer of the answer is the key.
 
 Output (report.py): a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT
 with .png, or --plot FILE) when matplotlib is installed: perplexity against length, one line per method;
@@ -64,13 +60,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_backends,
-                    describe, note, one_line_errors, original_context, pick_device, pick_dtype, reading, rope_config,
-                    yarn_scale)
-from hf_config import replaced_scaling_note
 from data import passkey
 from model import Llama, LlamaConfig
-import report
+from support import report
+from support.checkpoint import read_config
+from support.common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels,
+                            describe, note, one_line_errors, pick_device, pick_dtype, reading, rope_config, yarn_scale)
+from support.hf_config import original_context, replaced_scaling_note
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------
@@ -286,11 +282,12 @@ def check_args(args):
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     yarn_scale(args)
-    cfg = LlamaConfig.from_pretrained(args.model)
+    hf = read_config(args.model)  # config.json, read once
+    cfg = LlamaConfig.from_hf(hf, where=os.path.join(args.model, "config.json"))
     specs = [parse_rope_spec(s, args.rope_factor) for s in args.rope or ["model"]]
     ropes, notes = [], []
     for method, factor in specs:
-        L, why = original_context(args.model, cfg.rope, method, args.original_ctx)
+        L, why = original_context(hf, cfg.rope, method, args.original_ctx)
         ropes.append(rope_config(cfg.rope, method, factor, lengths[-1], L))
         notes += [n for n in why + [replaced_scaling_note(cfg.rope, ropes[-1])] if n and n not in notes]
     labels = [("model: " if m == "model" else "") + describe(r) for (m, _), r in zip(specs, ropes)]
@@ -412,9 +409,9 @@ def main(argv=None):
         inputs, vocab = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
         for line in notes:  # which L a --rope METHOD scales from, when config.json does not say it
             note(line)
-        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        model = Llama.from_pretrained(args.model, dtype=dtype, device=device, config=cfg)
         drop_padding(model, vocab)
-        with attention_backends(device, dtype):
+        with attention_kernels(device, dtype):
             results = run(args, model, ropes, labels, inputs, device)
         report.write_run(run_json(args, results), args.json, args.plot)
 

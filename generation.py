@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError
+from support.common import UserError
 
 
 def sample_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):

@@ -12,10 +12,10 @@ Face checkpoints.
 
 What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, attention, MLP, block, the
 model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
-RoPE exact), loading and saving; then the attention function and the KV cache. Module names are the
-Hugging Face ones (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict.
-Beside it: rope.py (rotary embeddings, with every way to scale them), hf_config.py (config.json and the
-model families), checkpoint.py (the files), fastpaths.py (the chunked loss and the CPU fast paths).
+RoPE exact), loading and saving; then the KV cache. Module names are the Hugging Face ones
+(model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict. Beside it: rope.py
+(rotary embeddings, every way to scale them); support/ hf_config.py (config.json, the families),
+checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
 """
 
 import math
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from checkpoint import CheckpointError, check_tensors, read_config, read_tensors, save  # noqa: F401 (CheckpointError: for users)
-from hf_config import check_config, config_from_hf, config_to_hf
-from fastpaths import Linear, cache_attention, chunked_cross_entropy  # Linear: nn.Linear, faster for one row on a CPU
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
+from support import checkpoint as hf_files, fastpaths, hf_config  # the guards beside the lesson: files, config.json, CPU fast paths
+
+Linear = fastpaths.Linear  # nn.Linear, with a faster path for one row on a CPU
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LlamaConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
-        check_config(self)  # hf_config.py: every value's type and range (a config.json is user input)
+        hf_config.check_config(self)  # support/hf_config.py: every value's type and range (a config.json is user input)
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.rope.head_dim != self.head_dim:
             self.rope = self.rope.replace(head_dim=self.head_dim)
@@ -70,16 +70,16 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, path, rope_scaling=...):
         """The config of the checkpoint directory `path`, from its config.json alone (no weights read)."""
-        return cls.from_hf(read_config(path), rope_scaling, where=os.path.join(path, "config.json"))
+        return cls.from_hf(hf_files.read_config(path), rope_scaling, where=os.path.join(path, "config.json"))
 
     @classmethod
     def from_hf(cls, hf, rope_scaling=..., where="config.json"):
         """The config of a Hugging Face config.json dict, every value checked (hf_config.py); a bad one is
         a CheckpointError naming `where` (the file) and the key."""
-        return config_from_hf(cls, hf, rope_scaling, where)
+        return hf_config.config_from_hf(cls, hf, rope_scaling, where)
 
     def to_hf(self, dtype=torch.float32):
-        return config_to_hf(self, dtype)
+        return hf_config.config_to_hf(self, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -125,6 +125,22 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
+def attention(q, k, v, mask=None):
+    """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
+    (B, KV, S, D); each group of H/KV query heads reads one K/V head (no copies). `mask` (S,): the cache
+    positions to attend to, when k and v are a whole preallocated cache (decode_step). The fused kernel
+    (flash on CUDA) does the work; fastpaths.py takes the masked decode step (any device) and, on a CPU, one
+    query or a prefill chunk after a cached prefix, which run faster there."""
+    T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
+    if mask is not None or (q.device.type == "cpu" and (T == 1 or S > T)):
+        return fastpaths.cache_attention(q, k, v, mask)
+    if T == 1:      # one new token sees every cached one
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if S > T:       # a chunk after a prefix: causal, aligned to the bottom-right corner
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -145,12 +161,8 @@ class MLP(nn.Module):
 #   selective  the block's input and the attention outputs (with their logsumexp); the rest is redone.
 # At 64k tokens attention is the costliest part of a block: for Llama 2 7B, 2 * T^2 * C = 35 TFLOP per
 # layer against 26 TFLOP for all its matmuls, and it is the cheapest to keep: its output is one (T, C)
-# bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up:
-# 2 x 1.3; down 0.5). So selective keeps 57% of the work for 0.5 GiB, and redoes the cheap rest. Memory
-# of the paper's recipe (7B, T = 65536, 8 GPUs, FSDP2, bf16 compute), per GPU: sharded fp32 weights,
-# gradients and AdamW 13.5 GiB; block inputs 32 x 0.5 = 16 GiB; one block redone in backward ~10 GiB;
-# loss and gathered weights ~3 GiB. Full ~43 GiB, selective +16 GiB = ~59 GiB: both fit an 80 GiB GPU,
-# none (~12 GiB per layer, ~400 GiB) does not. An estimate: no GPU has measured it yet.
+# bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up: 2 x 1.3;
+# down 0.5). So selective keeps 57% of the work for 0.5 GiB. A run's memory: support/plan.py (--dry-run).
 CHECKPOINTING = ("none", "full", "selective")
 ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -255,7 +267,7 @@ class Llama(nn.Module):
             self._write_tokens(idx, pos)
             h = self._hidden(idx, pos, self.cache)
         if targets is not None:  # in chunks of rows: the (B*T, V) fp32 logits never exist (fastpaths.py)
-            return chunked_cross_entropy(h, targets, self.lm_head, reduction)
+            return fastpaths.chunked_cross_entropy(h, targets, self.lm_head, reduction)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
@@ -334,12 +346,10 @@ class Llama(nn.Module):
                     self._hidden(self.cache.tokens[:, s:min(s + self.cache.chunk, pos)], s, self.cache)
 
     def decode_step(self, idx, pos):
-        """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor: the
-        forward of generation, at a shape that is the same at every step (a tensor pos makes the KV cache
-        hand attention all of its positions, those past pos masked out; the RoPE state comes from its
-        buffers). So torch.compile captures it once (with mode="reduce-overhead", one CUDA graph instead
-        of hundreds of kernel launches, as in gpt-fast). Call it through decode(), which keeps the cache's
-        tokens and dynamic scale up to date."""
+        """Logits (B, 1, V) of one token per sequence, idx (B, 1), at position pos, a (1,) long tensor: the same
+        shapes at every step (the cache hands attention all its positions, those past pos masked), so
+        torch.compile captures it once (on a GPU one CUDA graph, as in gpt-fast). Call it through decode(),
+        which keeps the cache's tokens and dynamic scale up to date."""
         return self.lm_head(self._hidden(idx, pos, self.cache)).float()
 
     @torch.no_grad()
@@ -368,15 +378,14 @@ class Llama(nn.Module):
     # ---- loading and saving Hugging Face checkpoints ----------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, rope_scaling=...):
-        """Load config.json + model.safetensors (or shards with model.safetensors.index.json).
-        The model is built on the meta device and each tensor is read straight into its place
-        (load_state_dict(assign=True)), so the weights are never held twice. dtype None keeps the
-        stored dtype. rope_scaling (a Hugging Face-style dict, None for plain RoPE) overrides the file's."""
-        cfg = LlamaConfig.from_pretrained(path, rope_scaling)
+    def from_pretrained(cls, path, dtype=None, device=None, rope_scaling=..., config=None):
+        """Load config.json (or take `config`, read already) and the safetensors weights, built on the meta
+        device with each tensor read straight into its place (load_state_dict(assign=True)): never held twice.
+        dtype None keeps the stored dtype; rope_scaling (a Hugging Face-style dict) overrides the file's."""
+        cfg = config or LlamaConfig.from_pretrained(path, rope_scaling)
         with torch.device("meta"):
             model = cls(cfg)
-        tensors = read_tensors(path, model.shapes(), cfg.tie_word_embeddings, device or "cpu")
+        tensors = hf_files.read_tensors(path, model.shapes(), cfg.tie_word_embeddings, device or "cpu")
         model.load_state_dict({name: t.to(dtype) if dtype else t for name, t in tensors}, strict=False, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the embedding: point the head at it again
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -386,62 +395,29 @@ class Llama(nn.Module):
         """{name: shape} of every tensor of a checkpoint of this model: what config.json implies."""
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
-    @classmethod
-    def check_checkpoint(cls, cfg, path):
-        """The names and shapes of the weights at `path` against `cfg`, from the file headers alone:
-        a mismatch is found before any memory is allocated. Raises CheckpointError."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_tensors(path, model.shapes(), cfg.tie_word_embeddings)
-
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30, extra_files=()):
-        """Write config.json and safetensors ({"format": "pt"} metadata), sharded above
-        max_shard_bytes, and copies of `extra_files` (the tokenizer), into a temporary directory that is
-        then renamed onto `path`: a crash never leaves a half-written checkpoint, and an existing one is
-        only replaced by a complete one."""
+        """config.json, the weights as safetensors (sharded above max_shard_bytes) and `extra_files` (the
+        tokenizer), staged aside and swapped in whole (support/checkpoint.py): a crash never half-writes one."""
         cfg = self.config
         if cfg.rope.method == "dynamic-yarn":
-            print("note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json "
-                  f"declares static yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), "
-                  "which those tools will use", file=sys.stderr)
+            print(f"note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json declares static "
+                  f"yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), which those tools will use", file=sys.stderr)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype
-        return save(path, state, cfg.to_hf(dtype), max_shard_bytes, extra_files)
-
-
-# ---- attention ------------------------------------------------------------------------------------
-
-def attention(q, k, v, mask=None):
-    """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
-    (B, KV, S, D); each group of H/KV query heads reads one K/V head (no copies). `mask` (S,): the cache
-    positions to attend to, when k and v are a whole preallocated cache (decode_step). The fused kernel
-    (flash on CUDA) does the work; fastpaths.py takes the masked decode step (any device) and, on a CPU, one
-    query or a prefill chunk after a cached prefix, which run faster there."""
-    T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
-    if mask is not None or (q.device.type == "cpu" and (T == 1 or S > T)):
-        return cache_attention(q, k, v, mask)
-    if T == 1:      # one new token sees every cached one
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if S > T:       # a chunk after a prefix: causal, aligned to the bottom-right corner
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return hf_files.save(path, state, cfg.to_hf(dtype), max_shard_bytes, extra_files)
 
 
 # ---- the KV cache -----------------------------------------------------------------------------------
 
 class KVCache(nn.Module):
-    """What generation keeps between forward passes (Llama.setup_cache explains the dynamic methods):
-    keys (already rotated) and values of every layer for positions 0 .. max_len-1, allocated once; the
-    token ids, to recompute the prefix when a dynamic scale moves; and the RoPE state they were computed
-    under. An nn.Module for its buffers: torch.compile treats those as fixed addresses, as a CUDA graph
-    needs (gpt-fast does the same).
-
-    One forward path writes and reads it, at one of two shapes, chosen by the type of `pos` in update().
-    An int (prefill chunks, and eager decoding): attention reads only the pos + T positions written so
-    far, so a token costs what the text so far costs. A (1,) tensor (decode_step): attention reads all
-    max_len positions with those past pos masked out, the same shapes at every step, which is what lets
-    one CUDA graph replay each token; it costs a whole cache per token, so eager decoding keeps the first."""
+    """What generation keeps between forward passes (Llama.setup_cache explains the dynamic methods): rotated
+    keys and values of every layer for positions 0 .. max_len-1, allocated once; the token ids, to recompute
+    the prefix when a dynamic scale moves; the RoPE state they were computed under. An nn.Module for its
+    buffers: torch.compile treats those as fixed addresses, as a CUDA graph needs (gpt-fast does the same).
+    update() has two shapes, by the type of `pos`. An int (prefill, eager decoding): attention reads the
+    pos + T positions written so far. A (1,) tensor (decode_step): attention reads all max_len positions,
+    those past pos masked, the same shapes every step, so one CUDA graph replays each token."""
 
     def __init__(self, cfg, batch_size, max_len, dtype, device, growth, chunk):
         super().__init__()

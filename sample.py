@@ -35,12 +35,13 @@ import time
 
 import torch
 
-from common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_backends,
-                    check_seed, describe, note, one_line_errors, original_context, pick_device, pick_dtype,
-                    reading, rope_config, yarn_scale)
-from hf_config import replaced_scaling_note
 from generation import check_sampling, generate, sync
 from model import Llama, LlamaConfig
+from support.checkpoint import read_config
+from support.common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels,
+                            check_seed, describe, note, one_line_errors, pick_device, pick_dtype, reading, rope_config,
+                            yarn_scale)
+from support.hf_config import original_context, replaced_scaling_note
 
 
 BYTES_PER_TOKEN = 64  # far above any tokenizer's average (about 4 characters a token for English)
@@ -147,7 +148,8 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """Everything that can be checked without reading the weights. Returns the checkpoint's config."""
+    """Everything that can be checked without reading the weights. Returns the checkpoint's config and its
+    config.json dict."""
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -157,16 +159,17 @@ def check_args(args):
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     check_seed(args.seed)
     yarn_scale(args)
-    cfg = LlamaConfig.from_pretrained(args.model)
+    hf = read_config(args.model)  # config.json, read once: the model's shape and the L a new method scales from
+    cfg = LlamaConfig.from_hf(hf, where=os.path.join(args.model, "config.json"))
     if args.ctx is not None and not 1 <= args.ctx <= MAX_POSITIONS:
         raise UserError(f"--ctx must be in [1, {MAX_POSITIONS}] (positions are fp32, exact up to 2^24), got {args.ctx}")
-    return cfg
+    return cfg, hf
 
 
-def choose_rope(args, cfg):
+def choose_rope(args, cfg, hf):
     """The RoPE method of --rope over the L it scales from, the context (--ctx, else s*L of that method),
     and the lines that say where L comes from when config.json does not (printed once the checks pass)."""
-    L, notes = original_context(args.model, cfg.rope, args.rope, args.original_ctx)
+    L, notes = original_context(hf, cfg.rope, args.rope, args.original_ctx)
     rope = rope_config(cfg.rope, args.rope, args.rope_factor, args.ctx or cfg.context_length, L)
     notes += [n for n in [replaced_scaling_note(cfg.rope, rope)] if n]
     return rope, args.ctx or rope.context_length, notes
@@ -206,16 +209,15 @@ def check_memory(cfg, ctx, dtype, device):
                         f"{have / 2**30:.1f} GiB of {device}: lower --ctx")
 
 
-def load(args, rope, ctx, device, dtype, prompt_len, notes):
+def load(args, cfg, rope, ctx, device, dtype, prompt_len, notes):
     """The weights, then the KV cache for the whole context, once."""
     for line in notes:
         note(line)
     if ctx > rope.context_length and not rope.is_dynamic:
         note(f"note: --ctx {ctx} exceeds the {rope.context_length} tokens that {describe(rope)} reaches (s*L); "
              "continuing")
-    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+    model = Llama.from_pretrained(args.model, dtype=dtype, device=device, config=cfg)
     model.set_rope(rope)
-    cfg = model.config
     try:
         model.setup_cache(1, ctx)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
@@ -234,7 +236,7 @@ def run(args, model, tok, ids, ctx, device, dtype):
     chunk = args.prefill_chunk or (4096 if device.type == "cuda" else 1024)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok, ids)
-    with attention_backends(device, dtype):
+    with attention_kernels(device, dtype):
         new, timing = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
                                on_token=streamer, eos_id=tok.eos_id, chunk_size=chunk, decode_step=step,
                                vocab=tok.vocab_size)
@@ -248,15 +250,15 @@ def run(args, model, tok, ids, ctx, device, dtype):
 def main(argv=None):
     with one_line_errors():
         args = parse_args(argv)
-        cfg = check_args(args)
+        cfg, hf = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        rope, ctx, notes = choose_rope(args, cfg)
+        rope, ctx, notes = choose_rope(args, cfg, hf)
         from data.tokenizer import load_tokenizer  # imports sentencepiece: only once the cheap checks passed
         tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
         ids = read_prompt(args, tok, cfg, ctx)
         check_memory(cfg, ctx, dtype, device)
-        model = load(args, rope, ctx, device, dtype, len(ids), notes)
+        model = load(args, cfg, rope, ctx, device, dtype, len(ids), notes)
         run(args, model, tok, ids, ctx, device, dtype)
 
 

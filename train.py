@@ -43,15 +43,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import distributed
-import rundir
-from checkpoint import read_tensors
-from common import UserError, one_line_errors
 from data.packed import PackedData
-from hf_config import widen_tokenizer_config
 from model import Llama
-from progress import Progress
-from train_config import check, check_fits, parse_args, run_plan, save_interval
+from support import distributed, rundir
+from support.checkpoint import read_tensors
+from support.common import UserError, attention_kernels, one_line_errors
+from support.hf_config import widen_tokenizer_config
+from support.progress import Progress
+from support.train_config import check, check_fits, parse_args, run_plan, save_interval
 
 
 # ---- 1) the model: built on meta, sharded, materialised, then filled ---------------------------------
@@ -181,7 +180,7 @@ def train_loop(model, optimizer, data, tc, env, start, progress, stop):
     amp = (lambda: torch.autocast(env.device.type, torch.bfloat16)) if env.bf16 and not env.fsdp else nullcontext
     save_steps, save_seconds = save_interval(tc)
     log, last_save = None, time.monotonic()
-    with attention_kernels(env.device):
+    with attention_kernels(env.device, torch.bfloat16 if env.bf16 else torch.float32):
         for step in range(start, tc.steps):
             t0 = progress.mark()
             lr = get_lr(step, tc)
@@ -207,15 +206,6 @@ def train_loop(model, optimizer, data, tc, env, start, progress, stop):
                 return log, step + 1
     progress.close()
     return log, None
-
-
-def attention_kernels(device):
-    """On CUDA, flash attention first; the math kernel (memory O(T^2)) only for shapes no fused one takes."""
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.MATH], set_priority=True)
 
 
 @torch.no_grad()
@@ -293,7 +283,8 @@ def run(argv, cleanup):
     if tc.dry_run:
         return 0
     stop = distributed.StopRequest(cleanup)                 # SIGTERM: finish the step, checkpoint, exit
-    rundir.claim(tc, env, cleanup)                          # 4) --out locked, the process group made
+    distributed.start(env, cleanup)                         # 4) the process group (gloo on CPU, nccl on CUDA)
+    rundir.claim(tc, env, cleanup)                          #    and --out, locked for this run
     model = allocate(mcfg, tc, env)                         # 5) model, optimizer, data
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=env.device.type == "cuda", foreach=None if env.device.type == "cuda" else True)
@@ -316,7 +307,7 @@ def run(argv, cleanup):
             print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""),
                   file=sys.stderr)
     if dist.is_initialized():
-        distributed.finish()
+        distributed.finish()                                # every rank done: the process group ends
     return 128 + signal.SIGTERM if stopped else 0
 
 

@@ -57,10 +57,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
+from support.common import ArgumentParser, UserError, one_line_errors  # noqa: E402  (after the path: bench/ runs as a script)
 from model import CHECKPOINTING, Llama, LlamaConfig  # noqa: E402
-from plan import peak_flops  # noqa: E402
-from publish import new_file  # noqa: E402
+from support.plan import peak_flops  # noqa: E402
+from support.publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 # The models: "135m" has the shape of SmolLM-135M (a small real Llama-family model), with YaRN x8

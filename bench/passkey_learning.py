@@ -38,7 +38,7 @@ from data.packed import PackedData  # noqa: E402
 from data.passkey import passkey_accuracy, passkey_document  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
-from publish import new_file  # noqa: E402
+from support.publish import new_file  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 

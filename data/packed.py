@@ -32,9 +32,9 @@ import signal
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError
+from support.common import UserError
 from data.tokenizer import load_tokenizer, train_tokenizer
-from publish import copy_file, new_dir, new_file
+from support.publish import copy_file, new_dir, new_file
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `common`
-from common import ArgumentParser, UserError, one_line_errors  # noqa: E402
+from support.common import ArgumentParser, UserError, one_line_errors  # noqa: E402
 from data.packed import check_out, find_documents, prepare, split_documents  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed  # noqa: E402
-import rundir  # noqa: E402
+from support import distributed  # noqa: E402
+from support import rundir  # noqa: E402
 import train  # noqa: E402
 
 crash_after, save_state = int(sys.argv[1]), rundir.save_state

@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data.prepare import main as prepare_data  # noqa: E402
-from tests.test_train import FINETUNE, tiny_checkpoint, write_verse  # noqa: E402
+from tests.helpers import FINETUNE, tiny_checkpoint, write_verse  # noqa: E402
 
 
 def free_port():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpaths import Linear
+from support.fastpaths import Linear
 from model import Llama, LlamaConfig
 from rope import RopeConfig
 

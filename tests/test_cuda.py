@@ -17,8 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import CHECKPOINTING, Llama, LlamaConfig
 from rope import RopeConfig
-from tests.test_model import OpCounter
-from tests.test_train import FINETUNE, run_train, work  # noqa: F401  (work: a fixture)
+from tests.helpers import FINETUNE, OpCounter, run_train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLASH = "_scaled_dot_product_flash_attention"

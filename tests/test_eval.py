@@ -11,7 +11,6 @@ about a minute.
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -25,24 +24,15 @@ import eval as ev  # noqa: E402
 from data import passkey  # noqa: E402
 from data.packed import prepare  # noqa: E402
 from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
-import report  # noqa: E402
+from model import Llama  # noqa: E402
+from support import report  # noqa: E402
 from rope import RopeConfig  # noqa: E402
-from common import UserError, rope_config  # noqa: E402
+from support.common import UserError, rope_config  # noqa: E402
+from tests.helpers import WordTokenizer, copy_model, tiny_model  # noqa: E402
 
 L = 64  # original context of the test models
 ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the CLI defaults to CUDA and bf16 where there is a GPU
 VOCAB = 320
-
-
-def tiny_model(rope=None, vocab=VOCAB, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      rope=rope or RopeConfig(head_dim=16, original_max_position_embeddings=L))
-    model = Llama(cfg)
-    model.init_weights(std=0.05)
-    return model.eval()
 
 
 def corpus_text(i, words=300):
@@ -211,58 +201,6 @@ def test_passkey_prompt_layout(checkpoint):
             assert n_before == round(depth * (n_before + n_after))  # the key sits at the depth asked
     with pytest.raises(ValueError, match="too short"):
         passkey.passkey_prompt(tok, 10, 0.5, 12345)
-
-
-class WordTokenizer:
-    """Words and punctuation are tokens, and each 5-digit number is a single token (ids num0 + n - 10000)."""
-
-    def __init__(self):
-        words = sorted(set(re.findall(r"[A-Za-z]+|[^\w\s]", passkey.passkey_text(1, 0.5, 12345))))
-        self.words = ["<unk>", "<s>", "</s>"] + words
-        self.index = {w: i for i, w in enumerate(self.words)}
-        self.bos_id, self.eos_id, self.num0 = 1, 2, len(self.words)
-        self.vocab_size = self.num0 + 90000
-
-    def encode(self, text):
-        return [self.num0 + int(t) - 10000 if t.isdigit() else self.index.get(t, 0)
-                for t in re.findall(r"\d+|[A-Za-z]+|[^\w\s]", text)]
-
-    def decode(self, ids):
-        return " ".join(str(i - self.num0 + 10000) if i >= self.num0 else self.words[i] for i in ids if i > 2)
-
-
-def copy_model(tok, C=64, H=4):
-    """A one-layer Llama built by hand to answer the passkey: every head attends to the number tokens
-    (the key, written twice) and copies their identity to the output.
-    Residual stream: dim 0 = "is a number", dim 1 = 1 for every token, dims 2.. = a random unit code per token.
-    Query = dim 1 and key = dim 0, both in RoPE's slowest pair (D/2 - 1) where, with theta = 1e6, positions
-    barely rotate them: so the score is large for numbers and 0 for everything else. Values carry the
-    code; o_proj adds 50x the key's code to the stream; lm_head reads codes back, so the key wins."""
-    D, V = C // H, tok.vocab_size
-    model = Llama(LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=8, num_hidden_layers=1,
-                              num_attention_heads=H, num_key_value_heads=H, bos_token_id=1, eos_token_id=2,
-                              rope=RopeConfig(theta=1e6, head_dim=D, original_max_position_embeddings=4096)))
-    code = torch.randn(V, C - 2, generator=torch.Generator().manual_seed(0))
-    code /= code.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = (torch.arange(V) >= tok.num0).float()
-        emb[:, 1] = 1.0
-        emb[:, 2:] = code
-        attn = model.model.layers[0].self_attn
-        for h in range(H):
-            attn.q_proj.weight[h * D + D // 2 - 1, 1] = 4.0
-            attn.k_proj.weight[h * D + D // 2 - 1, 0] = 4.0
-        for i in range(C - 2):
-            attn.v_proj.weight[i, 2 + i] = 1.0
-            attn.o_proj.weight[2 + i, i] = 50.0
-        model.lm_head.weight[:, 2:] = code  # the MLP stays zero: it adds nothing
-    return model.eval()
 
 
 def test_passkey_copy_model_scores_100_and_random_model_about_0():

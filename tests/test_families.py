@@ -23,8 +23,9 @@ import generation  # noqa: E402
 import sample  # noqa: E402
 from data.prepare import main as prepare_data  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
-from model import CheckpointError, Llama  # noqa: E402
-from tests.test_train import run_train, write_verse  # noqa: E402
+from model import Llama  # noqa: E402
+from support.checkpoint import CheckpointError  # noqa: E402
+from tests.helpers import run_train, write_verse  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 L = 64          # the original context of the test checkpoints

@@ -22,14 +22,13 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
-import rundir  # noqa: E402
+from support import rundir  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from data import prepare  # noqa: E402
 from data.packed import PackedData  # noqa: E402
 from model import Llama  # noqa: E402
-from tests.test_hostile import (PPL, SAMPLE, SCRATCH, TRAIN, ckpt_weights, digest, env, no_space,  # noqa: E402, F401
-                                one_line_exit_2)
+from tests.helpers import PPL, SAMPLE, SCRATCH, TRAIN, ckpt_weights, digest, no_space, one_line_exit_2  # noqa: E402
 
 CPU = ["--device", "cpu"]
 
@@ -202,7 +201,7 @@ def test_a_full_disk_is_one_line(env, tmp_path, capsys, monkeypatch):
     assert r.returncode == 2 and last.startswith("error: ") and "No space left" in last, r.stderr
     assert "Traceback" not in r.stderr and not any("error" in line for line in notes), r.stderr
     # eval's results on a full disk, after the evaluation: one line, and no half-written file
-    import publish
+    from support import publish
     monkeypatch.setattr(publish.os, "replace", no_space)
     err = one_line_exit_2("eval", PPL(env, "--json", str(tmp_path / "p.json"), *CPU), capsys, after_progress=True)
     assert "cannot write" in err and "p.json" in err and "No space left" in err and not os.listdir(tmp_path)

@@ -8,8 +8,6 @@ only Ctrl-C needs a real process. About half a minute on 2 cores.
     python -m pytest tests/test_hostile.py -q
 """
 
-import errno
-import hashlib
 import json
 import math
 import os
@@ -18,70 +16,19 @@ import signal
 import subprocess
 import sys
 import time
-import types
-import warnings
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import eval as ev  # noqa: E402
-import sample  # noqa: E402
-import rundir  # noqa: E402
-import train  # noqa: E402
+from support import rundir  # noqa: E402
 from data import prepare  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
-from rope import RopeConfig  # noqa: E402
-from tests.test_train import write_verse  # noqa: E402
+from tests.helpers import PPL, SAMPLE, SCRATCH, TRAIN, ckpt_weights, digest, no_space, one_line_exit_2  # noqa: E402
 
 L = 64
 VOCAB = 320
 READ_ONLY = "/sys/yarn-hostile-test"  # sysfs refuses new files even to root
-
-
-def tiny_checkpoint(path, layers=2, kv=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv,
-                      rope=RopeConfig(head_dim=16, original_max_position_embeddings=L))
-    model = Llama(cfg)
-    model.init_weights()
-    model.save_pretrained(str(path))
-    return path
-
-
-def digest(root):
-    """{relative path: sha1} of every file under root: what a failed command must leave as it was."""
-    out = {}
-    for folder, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(folder, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha1(f.read()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A prepared corpus (320-token sentencepiece), a random tiny checkpoint with that tokenizer, a deep
-    one (64 layers: its KV cache at 2^24 tokens exceeds any machine), and a resumable 1-step run."""
-    d = tmp_path_factory.mktemp("hostile")
-    write_verse(d / "corpus", 6, 150)
-    prepare.main(["--input", str(d / "corpus"), "--out", str(d / "data"), "--train-tokenizer", str(VOCAB),
-                  "--val-fraction", "0.3"])
-    tiny_checkpoint(d / "ckpt")
-    shutil.copy(d / "data" / "tokenizer.model", d / "ckpt")
-    tiny_checkpoint(d / "deep", layers=64, kv=4)
-    shutil.copy(d / "data" / "tokenizer.model", d / "deep")
-    train.main(["--init", str(d / "ckpt"), "--data", str(d / "data"), "--out", str(d / "run"), "--yarn-scale", "2", "--device", "cpu",
-                "--steps", "1", "--batch-size", "1", "--save-every", "1", "--warmup", "0"])
-    (d / "text.txt").write_text("the king speaks of love and death\n")
-    e = types.SimpleNamespace(root=d, data=str(d / "data"), ckpt=str(d / "ckpt"), deep=str(d / "deep"),
-                              run=str(d / "run"), text=str(d / "text.txt"))
-    e.before = digest(d)
-    return e
 
 
 # ---- making bad inputs from good ones ---------------------------------------------------------------------
@@ -95,15 +42,6 @@ def ckpt_with(e, t, raw=None, drop=(), **changes):
     for k in drop:
         cfg.pop(k)
     (c / "config.json").write_text(raw if raw is not None else json.dumps(cfg))  # inf/nan as Infinity/NaN
-    return str(c)
-
-
-def ckpt_weights(e, t, change):
-    """A copy of the good checkpoint whose model.safetensors went through change(dict of tensors)."""
-    from safetensors.torch import load_file, save_file
-    c = t / "ckpt"
-    shutil.copytree(e.ckpt, c)
-    save_file(change(load_file(c / "model.safetensors")), c / "model.safetensors", metadata={"format": "pt"})
     return str(c)
 
 
@@ -174,23 +112,6 @@ def resume_truncated_shard(e, t):
 
 
 # ---- the cases -------------------------------------------------------------------------------------------
-
-def TRAIN(e, t, *extra, init=None, data=None, out=None):
-    return ["--init", init or e.ckpt, "--data", data or e.data, "--out", out or str(t / "out"), "--steps", "1",
-            "--batch-size", "1", *extra]
-
-
-def SCRATCH(e, t, *extra, data=None):
-    return TRAIN(e, t, "--seq-len", "64", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", *extra, init="scratch",
-                 data=data)
-
-
-def SAMPLE(model, *extra):
-    return ["--model", model, "--prompt", "the king", "--max-new-tokens", "2", "--ctx", "64", *extra]
-
-
-def PPL(e, *extra, model=None, data=None):
-    return ["ppl", "--model", model or e.ckpt, "--data", data or e.text, "--lengths", "8", *extra]
 
 
 CASES = {  # name: (command, argv builder (env, tmp_path), what the one line must say)
@@ -367,28 +288,6 @@ CASES = {  # name: (command, argv builder (env, tmp_path), what the one line mus
     "prepare vocab not a number": ("prepare", lambda e, t: ["--input", e.text, "--out", str(t / "o"),
                                                             "--train-tokenizer", "big"], "--train-tokenizer"),
 }
-COMMANDS = {"train": train.main, "sample": sample.main, "eval": ev.main, "prepare": prepare.main}
-
-
-def one_line_exit_2(command, argv, capsys, after_progress=False):
-    """Run a command in this process; it must exit 2 with one line on stderr and no warning. A failure in
-    the middle of training comes after the progress the run printed (after_progress): then the error is
-    the last line, one line, and nothing else on stderr is an error, a warning or a traceback."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(SystemExit) as e:
-            COMMANDS[command](argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert not caught, [str(w.message) for w in caught]  # a warning would be a second line on stderr
-    assert "Traceback" not in err and err.endswith("\n"), err
-    if after_progress:
-        *progress, err = err.splitlines(keepends=True)
-        assert not any(w in line.lower() for line in progress for w in ("error", "warning")), progress
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_exit_2(env, case, tmp_path, capsys):
     command, build, message = CASES[case]
@@ -404,9 +303,6 @@ def test_bad_input_is_one_line_and_exit_2(env, case, tmp_path, capsys):
 
 
 # ---- failures in the middle of the work ---------------------------------------------------------------------
-
-def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_diverging_loss_stops_without_exporting(env, tmp_path, capsys):

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import sample  # noqa: E402
-from common import pick_dtype  # noqa: E402
-from tests.test_hostile import PPL, SAMPLE, env  # noqa: E402, F401  (env: a fixture)
+from support.common import pick_dtype  # noqa: E402
+from tests.helpers import PPL, SAMPLE  # noqa: E402
 
 
 def help_of(*command):
@@ -48,7 +48,7 @@ def test_train_help_is_in_groups():
 
 @pytest.mark.parametrize("short,long", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
 def test_dtype_spellings_are_one(short, long):
-    from common import dtype_flag
+    from support.common import dtype_flag
     assert dtype_flag(short) == dtype_flag(long) == short
     assert pick_dtype(short, None) is pick_dtype(long, None)
 

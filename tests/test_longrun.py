@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import rundir  # noqa: E402
-from tests.test_train import free_port, run_train, work  # noqa: E402, F401  (work: a fixture)
+from support import rundir  # noqa: E402
+from tests.helpers import free_port, run_train  # noqa: E402
 
 LONG = ["--yarn-scale", "2", "--steps", "24", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--save-every", "0"]
 

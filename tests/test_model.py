@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as model_mod
-from model import CheckpointError, Llama, LlamaConfig
+from model import Llama, LlamaConfig
+from support.checkpoint import CheckpointError
 from rope import RopeConfig
+from tests.helpers import OpCounter, logits_for_length  # noqa: E402
 
 L = 32  # the tiny models' original context
 LONGROPE = {"short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],  # per-pair divisors, 8 pairs: head_dim 16
@@ -28,18 +29,6 @@ def tiny(method="none", factor=1.0, tied=False, kv=2, vocab=97, layers=2, seed=0
     m = Llama(cfg)
     m.init_weights(std=0.2)  # larger than usual so that positions visibly matter in the logits
     return m.eval()
-
-
-def logits_for_length(m, idx, rope_len):
-    """m(idx) with dynamic methods scaled for a text rope_len long, not idx's own length: what a KV cache
-    whose scale was set for rope_len computes. (A plain forward reads its tables for its own length from
-    m.rope_tables; here that one call is pointed at rope_len instead.)"""
-    tables = m.rope_tables
-    m.rope_tables = lambda length, device: tables(rope_len, device)
-    try:
-        return m(idx)
-    finally:
-        del m.rope_tables
 
 
 def same_state(a, b):
@@ -246,19 +235,6 @@ def test_chunked_loss_never_holds_full_logits():
     with torch.no_grad():
         m(torch.randint(0, 16384, (1, 9000)), torch.randint(0, 16384, (1, 9000)))
     assert max(calls) * 16384 <= 1 << 26 and sum(calls) == 9000 and len(calls) == 3
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops that run, by name (what forward and backward really compute)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_activation_checkpointing_modes_give_the_same_loss_and_gradients():

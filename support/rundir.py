@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import distributed
-from checkpoint import CHECKPOINT_FILE, CheckpointError
-from common import UserError
-from publish import move_into, new_file, publish_dir, remove_dir, stage_dir, write_json
+from support import distributed
+from support.checkpoint import CHECKPOINT_FILE, CheckpointError
+from support.common import UserError
+from support.progress import METRICS
+from support.publish import move_into, new_file, publish_dir, remove_dir, stage_dir, write_json
 
-METRICS = "metrics.jsonl"
 EXPORT = ".export"  # the export, complete, before publish_export moves it into out
 STEP_DIR = re.compile(r"step-\d{6,}")  # what save_state names them, and nothing else
 
@@ -59,15 +59,14 @@ def check_out(tc):
 
 
 def claim(tc, env, cleanup):
-    """Rank 0 locks --out, then the process group is made (and let go by `cleanup`), every rank learns
-    whether the lock was had, and an export that an earlier run left half-published is finished."""
+    """Rank 0 locks --out (let go by `cleanup`), every rank learns whether the lock was had (the process
+    group is up: train.py starts it), and an export that an earlier run left half-published is finished."""
     lock = None
     if env.master:
         os.makedirs(tc.out, exist_ok=True)
         lock = lock_out(tc.out)
         if lock:
             cleanup.callback(lock.close)
-    distributed.start(env, cleanup)
     if not distributed.broadcast_flag(lock is not None, env):
         raise UserError(f"another train.py is running with --out {tc.out} (it holds {tc.out}/.lock): wait for it, "
                         "or pick another --out")

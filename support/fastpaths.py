@@ -5,7 +5,7 @@ does (a projection of one row, one query over a KV cache, a prefill chunk after 
 Each gives the same results as the plain PyTorch it replaces; tests/test_model.py and
 tests/test_bench.py check that, and bench/bench.py measures the speed.
 
-    from fastpaths import Linear, cache_attention, chunked_cross_entropy
+    from support.fastpaths import Linear, cache_attention, chunked_cross_entropy
 """
 
 import torch

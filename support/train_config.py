@@ -17,16 +17,16 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-import rundir
-from checkpoint import read_config
-from common import ArgumentParser, UserError, check_seed, checked, dtype_flag, reading
 from data.packed import PackedData, read_meta
 from data.tokenizer import load_tokenizer
-from hf_config import pretraining_context, replaced_scaling_note
-from model import CHECKPOINTING, Llama, LlamaConfig
-from plan import FITS, GIB, Plan, peak_flops
-from publish import check_writable
+from model import CHECKPOINTING, Llama, LlamaConfig  # the config it resolves the flags into
 from rope import METHODS, RopeConfig
+from support import rundir
+from support.checkpoint import check_tensors, read_config
+from support.common import ArgumentParser, UserError, check_seed, checked, dtype_flag, reading
+from support.hf_config import pretraining_context, replaced_scaling_note
+from support.plan import FITS, GIB, Plan, peak_flops
+from support.publish import check_writable
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -140,14 +140,15 @@ def check(tc, env):
     check_flags(tc)
     if not tc.dry_run:
         check_writable(tc.out, "--out")
-    tc, mcfg, tok_files, notes = resolve(tc, tc.gpus or env.world)
+    hf = read_config(tc.init) if tc.init != "scratch" else None  # config.json, read once: handed down from here
+    tc, mcfg, tok_files, notes = resolve(tc, hf, tc.gpus or env.world)
     if not tc.dry_run:
         rundir.check_out(tc)
         rundir.check_resume(tc)
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda, but torch sees no CUDA device")
     # the output keeps the checkpoint's dtype (bf16 for Llama 2); a scratch model its compute dtype
-    hf = read_config(tc.init) if tc.init != "scratch" else {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
+    hf = hf or {"torch_dtype": "bfloat16" if env.bf16 else "float32"}
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"{tc.init}/config.json: torch_dtype {dtype!r}: the export keeps the checkpoint's dtype, "
@@ -226,7 +227,7 @@ def check_flags(tc):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
 
 
-def resolve(tc, world):
+def resolve(tc, hf, world):
     """The defaults that depend on the checkpoint and the data, and what cannot work with them. Returns
     the config with its defaults filled in, the model config, the tokenizer files to ship and notes."""
     if tc.yarn_scale is not None:
@@ -238,7 +239,7 @@ def resolve(tc, world):
     if tc.init == "scratch":
         mcfg, tok_files, notes = scratch_model(tc, reading(read_meta, tc.data))
     else:
-        mcfg, notes = pretrained_config(tc)
+        mcfg, notes = pretrained_config(tc, hf)
         tok_files = [] if tc.dry_run else checkpoint_files(tc, mcfg, reading(read_meta, tc.data))
     json.dumps(mcfg.to_hf(), allow_nan=False)  # what export writes at the end must be writable now
     rope = mcfg.rope
@@ -285,9 +286,9 @@ def scratch_config(tok, n_layer, n_embd, n_head, n_kv_head=None, intermediate_si
                        eos_token_id=tok.eos_id if tok.eos_id >= 0 else None, rope=rope or RopeConfig())
 
 
-def pretrained_config(tc):
-    """--init CHECKPOINT: its config (config.json alone) with the RoPE method of the flags, and notes."""
-    base = LlamaConfig.from_pretrained(tc.init)
+def pretrained_config(tc, hf):
+    """--init CHECKPOINT: its config (`hf`, its config.json dict) with the RoPE method of the flags, and notes."""
+    base = LlamaConfig.from_hf(hf, where=os.path.join(tc.init, "config.json"))
     notes = []
     if tc.rope is None:  # keep the checkpoint's own method (its L and s may still be overridden)
         if tc.rope_factor is not None and base.rope.method == "none":
@@ -295,7 +296,7 @@ def pretrained_config(tc):
         rope = checked(base.rope.replace, factor=tc.rope_factor or base.rope.factor,
                        original_max_position_embeddings=tc.original_ctx or base.rope.original_max_position_embeddings)
     else:  # a new method scales from the context the model was pretrained at: said in one line unless config.json says it
-        L, note = pretraining_context(read_config(tc.init), base.rope)
+        L, note = pretraining_context(hf, base.rope)
         rope = checked(RopeConfig, method=tc.rope, theta=base.rope.theta, head_dim=base.head_dim,
                        factor=tc.rope_factor if tc.rope != "none" else 1.0,
                        original_max_position_embeddings=tc.original_ctx or L)
@@ -306,7 +307,8 @@ def pretrained_config(tc):
 def checkpoint_files(tc, mcfg, meta):
     """--init CHECKPOINT's weights, checked from the file headers before anything is allocated, and its
     tokenizer files (or the dataset's, for a checkpoint without one) against the data's vocabulary."""
-    Llama.check_checkpoint(mcfg, tc.init)  # no weights, only pickles, or other shapes: fail now
+    with torch.device("meta"):  # no weights, only pickles, or other shapes: fail now, from the file headers
+        check_tensors(tc.init, Llama(mcfg).shapes(), mcfg.tie_word_embeddings)
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
     data_vocab = meta["vocab_size"]
     try:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 
-from common import UserError
+from support.common import UserError
 
 
 def temporary_name(path, kind="tmp"):

@@ -24,13 +24,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import UserError
-from rundir import METRICS
+from support.common import UserError
 
 try:
     import resource  # Unix only: peak memory on CPU
 except ImportError:
     resource = None
+
+METRICS = "metrics.jsonl"  # one JSON line per step, in --out
 
 
 class Progress:

@@ -13,8 +13,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from checkpoint import CheckpointError
-from publish import write_json
+from support.checkpoint import CheckpointError
+from support.publish import write_json
 from rope import RopeConfig, check_int, check_number
 
 # The families model.py runs, and what each changes in Llama's decoder. `defaults` are transformers'
@@ -157,6 +157,19 @@ def pretraining_context(hf, rope):
             return L, f"note: L = {L}: {why}; --original-ctx overrides"
     return mpe, (f"note: L = {mpe}, the max_position_embeddings of config.json, which names no other pretraining "
                  "context; --original-ctx overrides")
+
+
+def original_context(hf, base, method, original_ctx=None):
+    """(L, notes): the context a command's --rope METHOD scales from, on the checkpoint whose config.json is `hf`
+    and own RoPE is `base`: --original-ctx if given; the checkpoint's own L for --rope model; else the context
+    it was pretrained at (pretraining_context), with the line that says so when config.json
+    does not."""
+    if original_ctx:
+        return original_ctx, []
+    if method == "model":
+        return base.original_max_position_embeddings, []
+    L, note = pretraining_context(hf, base)
+    return L, [note] if note else []
 
 
 def replaced_scaling_note(old, new):

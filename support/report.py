@@ -21,8 +21,8 @@ import textwrap
 
 import numpy as np
 
-from common import UserError, note
-from publish import check_target, new_file, write_json
+from support.common import UserError, note
+from support.publish import check_target, new_file, write_json
 
 
 def write_run(run, json_path=None, plot_path=None):

@@ -3,7 +3,7 @@ What the commands (train.py, sample.py, eval.py) share: one exception type for t
 the boundary that turns it into one line, the device and dtype, and the RoPE method asked on the
 command line. Read it after model.py: it teaches how a command stays quiet about its own plumbing.
 
-    from common import UserError, one_line_errors
+    from support.common import UserError, one_line_errors
     def main(argv=None):
         with one_line_errors():   # UserError -> "error: ..." and exit code 2; Ctrl-C -> exit code 130
             ...
@@ -173,10 +173,11 @@ def pick_dtype(name, device):
     return DTYPES[DTYPE_NAMES.get(name, name)]
 
 
-def attention_backends(device, dtype):
-    """On CUDA in bf16/fp16: flash attention (which also does grouped-query attention), and no fallback
-    to the math kernel, which would materialise (T, T) attention weights: a case flash cannot handle then
-    fails loudly instead of silently using memory quadratic in the context. (fp32 has no flash kernel.)"""
+def attention_kernels(device, dtype):
+    """The attention kernels of every command (train.py, sample.py, eval.py). On CUDA in bf16/fp16: flash
+    attention (which also does grouped-query attention), then memory-efficient attention, and no fallback to
+    the math kernel, which would materialise (T, T) attention weights: a case neither can handle then fails
+    loudly instead of silently using memory quadratic in the context. (fp32 has no flash kernel: any.)"""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -206,21 +207,6 @@ def rope_config(base, method="model", factor=None, target_len=None, L=None):
     if factor is None:
         factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
     return checked(base.replace, method=method, factor=float(factor), **fresh)
-
-
-def original_context(model_dir, base, method, original_ctx=None):
-    """(L, notes): the context a command's --rope METHOD scales from, on the checkpoint `model_dir` whose
-    own RoPE is `base`: --original-ctx if given; the checkpoint's own L for --rope model; else the context
-    it was pretrained at (hf_config.pretraining_context), with the line that says so when config.json
-    does not."""
-    if original_ctx:
-        return original_ctx, []
-    if method == "model":
-        return base.original_max_position_embeddings, []
-    from checkpoint import read_config  # both import UserError from here
-    from hf_config import pretraining_context
-    L, note = pretraining_context(read_config(model_dir), base)
-    return L, [note] if note else []
 
 
 def checked(replace, **kw):

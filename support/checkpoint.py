@@ -20,8 +20,8 @@ import shutil
 
 import torch
 
-from common import UserError
-from publish import new_dir, write_json
+from support.common import UserError
+from support.publish import new_dir, write_json
 
 
 class CheckpointError(UserError, ValueError):

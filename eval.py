@@ -41,7 +41,7 @@ is K. Remember it. K is the pass key." after a fraction `depth` of the filler (0
 filler and "What is the pass key? The pass key is", at most each length tokens (BOS included). Keys are
 random 5-digit numbers; greedy decoding; correct when the first integer of the answer is the key.
 
-Output (report.py): a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT
+Output (support/report.py): a markdown table on stdout; with --json OUT the numbers, and a PNG plot next to it (OUT
 with .png, or --plot FILE) when matplotlib is installed: perplexity against length, one line per method;
 passkey accuracy as a length x depth heatmap.
 
@@ -371,7 +371,7 @@ def run(args, model, ropes, labels, inputs, device):
 
 
 def run_json(args, results):
-    """The run as --json holds it (report.py's format): the task, the model, the lengths, the task's own
+    """The run as --json holds it (support/report.py's format): the task, the model, the lengths, the task's own
     flags and the results."""
     extra = {"data": args.data, "stride": args.stride, "docs_per_length": args.docs_per_length,
              "documents": scored_documents(results)} if args.task == "ppl" else \

@@ -14,7 +14,7 @@ What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, atte
 model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
 RoPE exact), loading and saving; then the KV cache. Module names are the Hugging Face ones
 (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict. Beside it: rope.py
-(rotary embeddings, every way to scale them); support/ hf_config.py (config.json, the families),
+(rotary embeddings, every way to scale them); in support/: hf_config.py (config.json, the families),
 checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
 """
 
@@ -74,7 +74,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf, rope_scaling=..., where="config.json"):
-        """The config of a Hugging Face config.json dict, every value checked (hf_config.py); a bad one is
+        """The config of a Hugging Face config.json dict, every value checked (support/hf_config.py); a bad one is
         a CheckpointError naming `where` (the file) and the key."""
         return hf_config.config_from_hf(cls, hf, rope_scaling, where)
 
@@ -129,7 +129,7 @@ def attention(q, k, v, mask=None):
     """Causal attention of the T queries q (B, H, T, D), the last T of the S positions in k and v
     (B, KV, S, D); each group of H/KV query heads reads one K/V head (no copies). `mask` (S,): the cache
     positions to attend to, when k and v are a whole preallocated cache (decode_step). The fused kernel
-    (flash on CUDA) does the work; fastpaths.py takes the masked decode step (any device) and, on a CPU, one
+    (flash on CUDA) does the work; support/fastpaths.py takes the masked decode step (any device) and, on a CPU, one
     query or a prefill chunk after a cached prefix, which run faster there."""
     T, S, gqa = q.size(2), k.size(2), q.size(1) != k.size(1)
     if mask is not None or (q.device.type == "cpu" and (T == 1 or S > T)):
@@ -266,7 +266,7 @@ class Llama(nn.Module):
         else:
             self._write_tokens(idx, pos)
             h = self._hidden(idx, pos, self.cache)
-        if targets is not None:  # in chunks of rows: the (B*T, V) fp32 logits never exist (fastpaths.py)
+        if targets is not None:  # in chunks of rows: the (B*T, V) fp32 logits never exist (support/fastpaths.py)
             return fastpaths.chunked_cross_entropy(h, targets, self.lm_head, reduction)
         if last_only:
             h = h[:, -1:]

@@ -26,8 +26,8 @@ transformers load as is; metrics.jsonl, one line per step; checkpoints/step-N fo
 What this file teaches: the paper's recipe, top to bottom: build the model with FSDP2 in torchtitan's
 order (build on meta, checkpoint and shard each block, materialise, fill from the checkpoint), the data
 order and the learning-rate schedule, one optimizer step, the flat loop, the export; run() strings them
-together. What guards it lives beside it: train_config.py (the flags and their checks), rundir.py (--out,
-its lock, the resumable checkpoints), distributed.py (the process group), progress.py (logging), plan.py
+together. What guards it lives beside it, in support/: train_config.py (the flags and their checks), rundir.py
+(--out, its lock, the resumable checkpoints), distributed.py (the process group), progress.py (logging), plan.py
 (the cost).
 """
 

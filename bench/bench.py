@@ -29,7 +29,7 @@ Workloads (T = tokens, batch 1):
 
 Peak memory: on CPU the process's peak RSS (VmHWM, reset after loading so it covers the workload,
 the loaded weights included); on CUDA torch.cuda.max_memory_allocated. The machine's fp32 (bf16 on
-CUDA) matmul peak and copy bandwidth are measured in the same run (on a GPU named in plan.py's table,
+CUDA) matmul peak and copy bandwidth are measured in the same run (on a GPU named in support/plan.py's table,
 the datasheet's dense bf16 peak is used instead: 989 TFLOP/s for H100 and H200); forward FLOPs are counted as
 2 * (weights of every matmul, lm_head included) * T + 2 * T^2 * (H * D) * layers (causal attention:
 QK^T and PV, half the square each), a training step as 3x that.
@@ -347,7 +347,7 @@ def work(spec):
 def machine_peak(device, dtype, n):
     """The best square-matmul FLOP/s and copy bandwidth of this machine, in the benchmark's dtype. A GPU
     does one product or copy in about a millisecond: each timing there covers 10, so that the launch and
-    synchronisation do not count. A GPU with a datasheet peak in plan.py's table is held to that."""
+    synchronisation do not count. A GPU with a datasheet peak in support/plan.py's table is held to that."""
     reps = 10 if device == "cuda" else 1
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b

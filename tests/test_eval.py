@@ -1,5 +1,5 @@
 """
-Tests of eval.py, data/passkey.py and report.py: perplexity equal to transformers' on the same weights
+Tests of eval.py, data/passkey.py and support/report.py: perplexity equal to transformers' on the same weights
 and tokens (whole documents and strided windows, for several RoPE methods), the strided windows' token
 accounting, the passkey prompt, passkey accuracy of a model built to copy (100%) and of a random one
 (about 0), and the command line (tables, JSON, plots, reports, one-line errors). Tiny random models,

@@ -1,5 +1,5 @@
 """
-Tests of plan.py and train.py --dry-run: the parameter count and the activation bytes of the memory
+Tests of support/plan.py and train.py --dry-run: the parameter count and the activation bytes of the memory
 model against what torch itself holds (the model's parameters, autograd's saved tensors), and the dry
 run on a 7B-shaped config.json alone, which must fit 8 x 80 GiB at 64k tokens with full checkpointing and
 be refused on 8 x 20 GiB with a --seq-len that would fit.

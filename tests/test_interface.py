@@ -76,3 +76,30 @@ def test_every_command_takes_the_same_flags(env, tmp_path, capsys):
     r = subprocess.run([sys.executable, "train.py", "--init", env.ckpt, "--dry-run", "--dtype", "fp16"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "loss scaling" in r.stderr
+
+
+def config_json_reads(monkeypatch):
+    """The paths of every config.json this process opens from now on (tokenizer_config.json is another file)."""
+    import builtins
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == "config.json":
+            opened.append(os.fspath(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return opened
+
+
+def test_each_command_reads_config_json_once(env, tmp_path, capsys, monkeypatch):
+    """The flags are resolved in one pass: config.json is read once and handed down (issue #25)."""
+    import train
+    opened = config_json_reads(monkeypatch)
+    train.main(["--init", env.ckpt, "--yarn-scale", "2", "--dry-run", "--gpus", "1", "--gpu-memory", "80"])
+    assert len(opened) == 1, opened
+    opened.clear()
+    sample.main(SAMPLE(env.ckpt, "--rope", "yarn", "--rope-factor", "2", "--device", "cpu"))
+    assert len(opened) == 1, opened
+    opened.clear()
+    ev.main(PPL(env, "--rope", "yarn:2", "--device", "cpu"))
+    assert len(opened) == 1, opened

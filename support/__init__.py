@@ -2,4 +2,6 @@
 common (one error line, the shared flags) · hf_config (config.json, families) · checkpoint (safetensors files)
 · publish (atomic writes) · train_config (train.py's flags, resolved once) · plan (memory, time) · rundir
 (--out, lock, resumable state) · distributed (process group, SIGTERM) · progress (log lines) · report
-(tables, plots) · fastpaths (chunked loss, CPU kernels)."""
+(tables, plots) · fastpaths (chunked loss, CPU kernels).
+The lesson imports these; these import no command, of the lesson only rope.py (the methods' names and
+RopeConfig, which import nothing) and, in train_config alone, model.py's LlamaConfig the flags resolve into."""

@@ -42,12 +42,18 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 
-@dataclass(frozen=True)
+@dataclass
 class ContextParallel:
     group: object    # the process group of the N ranks that share each sequence
     rank: int        # r: this rank's place in the group
     size: int        # N
     seq_len: int     # T: the whole sequence's length
+
+    def __post_init__(self):
+        # the causal masks of the two query chunks (attention() below), made once here: a CausalBias is a
+        # tensor subclass, and making one under selective checkpointing's dispatch mode fails (torch 2.13)
+        c = self.seq_len // (2 * self.size)
+        self.masks = [causal_lower_right(c, (i + 1) * c) for i in self.chunks()]
 
     def chunks(self):
         """The two chunks (of the 2N) this rank holds: r and 2N-1-r."""
@@ -136,8 +142,8 @@ def attention(q, k, v, cp):
     k, v = gather_kv(k, cp), gather_kv(v, cp)          # (B, KV, T, D)
     c, gqa = q.size(2) // 2, q.size(1) != k.size(1)
     out = []
-    for j, i in enumerate(cp.chunks()):
+    for j, (i, mask) in enumerate(zip(cp.chunks(), cp.masks)):
         end = (i + 1) * c
         out.append(F.scaled_dot_product_attention(q[:, :, j * c:(j + 1) * c], k[:, :, :end], v[:, :, :end],
-                                                  attn_mask=causal_lower_right(c, end), enable_gqa=gqa))
+                                                  attn_mask=mask, enable_gqa=gqa))
     return torch.cat(out, dim=2)                       # (B, H, 2c, D)

@@ -28,8 +28,9 @@ Why all-gather, and not a ring (ring attention) or Ulysses (all-to-all over head
 exact choice: one collective, then the plain fused kernel, with no online-softmax merging of partial
 results (ring) and no limit of N to the KV head count (Ulysses). It moves K and V at their KV heads, 8 for
 Llama 3 8B against 32 query heads: per layer 2 x T x KV x D x b bytes, 4 GiB at 1M tokens in bf16,
-gathered while the layer runs (and again in backward under activation checkpointing): ~10 ms on NVLink,
-against seconds of attention at that length. Llama 3 was trained at 128k this way (its paper: all-gather
+gathered while the layer runs (and again in backward under activation checkpointing), and the gradient
+reduce-scattered back in fp32 (twice those bytes): each ~10-20 ms on NVLink, against seconds of attention
+at that length. Llama 3 was trained at 128k this way (its paper: all-gather
 K and V, then local attention). That 4 GiB, plus its gradient in
 backward, is also the memory --cp adds per GPU.
 """
@@ -110,7 +111,8 @@ def inputs_and_targets(blocks, cp):
 class GatherKV(torch.autograd.Function):
     """Forward: every rank's x stacked, (N, ...). Backward: each rank's slice of the gradient, summed
     over the ranks (a reduce-scatter, the all-gather's exact dual: each rank's keys were read by the queries
-    of every rank). torch 2.13's gloo has reduce_scatter as well as NCCL, so CPU and GPU take one path."""
+    of every rank), in fp32 as FSDP reduces gradients: N bf16 partial sums would round N times. torch 2.13's
+    gloo has reduce_scatter as NCCL does, so CPU and GPU take one path."""
 
     @staticmethod
     def forward(ctx, x, group, n):  # x (B, KV, 2c, D)
@@ -121,9 +123,9 @@ class GatherKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, B, KV, 2c, D): for every rank's keys, from this rank's queries
-        mine = grad.new_empty(grad.shape[1:])                             # (B, KV, 2c, D)
-        dist.reduce_scatter_single(mine, grad.contiguous().view(-1, *grad.shape[2:]), group=ctx.group)
-        return mine, None, None
+        mine = grad.new_empty(grad.shape[1:], dtype=torch.float32)        # (B, KV, 2c, D)
+        dist.reduce_scatter_single(mine, grad.float().contiguous().view(-1, *grad.shape[2:]), group=ctx.group)
+        return mine.to(grad.dtype), None, None
 
 
 def gather_kv(x, cp):

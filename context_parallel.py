@@ -14,14 +14,15 @@ inputs_and_targets() on each batch.
 How a sequence is split. Cut its T tokens into 2N chunks of c = T / 2N; rank r of a group keeps chunks
 r and 2N-1-r (Llama 3's scheme). Under a causal mask chunk i attends to i+1 chunks, so rank r does
 (r+1) + (2N-r) = 2N+1 chunk-pairs of attention: the same on every rank. (Contiguous pieces would give
-the last rank N times the work of the first, and every other rank would wait for it at each layer.)
+the last rank 2N-1 times the work of the first, and every other rank would wait for it at each layer.)
 
 Why the answer is exact. Everything in a block but attention works token by token: the norms, the
 projections, the MLP, and RoPE, given each token's global position (positions() below; a dynamic method
 scales for the whole T, not for this rank's T/N). Attention needs every earlier key and value: each layer
 all-gathers K and V over the group, then each of the rank's two query chunks attends to the keys up to its
 own end, a causal mask aligned to the bottom-right corner. These are the dot products, softmaxes and
-sums of one process, added in another order: fp32 results agree to ~1e-6 relative, not bit for bit.
+sums of one process, added in another order: in fp32 the losses agree to ~1e-7 relative, not bit for
+bit (tests/test_context_parallel.py).
 The loss and its gradient: see inputs_and_targets().
 
 Why all-gather, and not a ring (ring attention) or Ulysses (all-to-all over heads). It is the simplest
@@ -29,10 +30,10 @@ exact choice: one collective, then the plain fused kernel, with no online-softma
 results (ring) and no limit of N to the KV head count (Ulysses). It moves K and V at their KV heads, 8 for
 Llama 3 8B against 32 query heads: per layer 2 x T x KV x D x b bytes, 4 GiB at 1M tokens in bf16,
 gathered while the layer runs (and again in backward under activation checkpointing), and the gradient
-reduce-scattered back in fp32 (twice those bytes): each ~10-20 ms on NVLink, against seconds of attention
-at that length. Llama 3 was trained at 128k this way (its paper: all-gather
-K and V, then local attention). That 4 GiB, plus its gradient in
-backward, is also the memory --cp adds per GPU.
+reduce-scattered back in fp32 (twice those bytes): at NVLink's ~400 GB/s some 10 and 20 ms (an estimate),
+against seconds of attention at that length. Llama 3 was trained at 128k this way (its paper: all-gather K
+and V, then local attention). That 4 GiB, and in backward its gradient (bf16, and fp32 for the sum), is
+the memory --cp adds per GPU.
 """
 
 from dataclasses import dataclass

@@ -20,7 +20,6 @@ checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from context_parallel import attention as cp_attention, positions as cp_positions
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
 from support import checkpoint as hf_files, fastpaths, hf_config  # the guards beside the lesson: files, config.json, CPU fast paths
 
@@ -108,6 +108,7 @@ class Attention(nn.Module):
         # Qwen3: each head of q and k normalised (one weight of D shared by all heads) before RoPE
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.context_parallel = None  # context_parallel.py's enable(): x is this rank's part; k, v are gathered
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         mask = None
         if cache is not None:  # (B, KV, S, D): the prefix and these T (mask: see KVCache.update)
             k, v, mask = cache.update(self.layer, pos, k, v)
-        y = attention(q, k, v, mask)                                                   # (B, H, T, D)
+        y = attention(q, k, v, mask) if self.context_parallel is None else cp_attention(q, k, v, self.context_parallel)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
@@ -213,6 +214,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache = None                    # set up by setup_cache()
         self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
+        self.context_parallel = None         # context_parallel.py's enable(): idx is this rank's part of a sequence
 
     @torch.no_grad()
     def init_weights(self, std=0.02):
@@ -276,12 +278,12 @@ class Llama(nn.Module):
         """The final normed hidden states (B, T, C) of tokens at positions pos.. (an int, or a (1,) tensor:
         decode_step). Without a cache, dynamic methods scale for the sequence's own length; with one, the
         keys and values go into it, under the RoPE tables it holds (those of the text it was scaled for)."""
-        T = idx.size(1)
+        T, cp = idx.size(1), self.context_parallel  # with cp: RoPE at the global positions, scaled for the whole T
         if cache is None:
-            inv_freq, a = self.rope_tables(T, idx.device)
+            inv_freq, a = self.rope_tables(T if cp is None else cp.seq_len, idx.device)
         else:
             inv_freq, a = cache.inv_freq, cache.attention_factor
-        positions = pos + torch.arange(T, device=idx.device)
+        positions = pos + torch.arange(T, device=idx.device) if cp is None else cp_positions(cp, idx.device)
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
@@ -399,9 +401,7 @@ class Llama(nn.Module):
         """config.json, the weights as safetensors (sharded above max_shard_bytes) and `extra_files` (the
         tokenizer), staged aside and swapped in whole (support/checkpoint.py): a crash never half-writes one."""
         cfg = self.config
-        if cfg.rope.method == "dynamic-yarn":
-            print(f"note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json declares static "
-                  f"yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), which those tools will use", file=sys.stderr)
+        hf_config.export_note(cfg)  # dynamic-yarn: what other tools will read
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype

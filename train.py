@@ -18,6 +18,8 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --seq-len 16384 --compile --out out/one-gpu
     # preempted (SIGTERM: the step finishes, a checkpoint is written, exit 143) or crashed: the same command plus --resume
     # several machines: torchrun's --nnodes/--rdzv-endpoint, with --out on a file system they all share
+    # past 64k tokens: each sequence split over --cp N GPUs (context_parallel.py), here 4 groups of 2
+    torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 32 --cp 2 --out out/yarn32-128k
 
 --out receives a Hugging Face checkpoint (config.json with the method's rope_scaling and the new
 max_position_embeddings, model.safetensors, the tokenizer files) that sample.py, eval.py and
@@ -28,7 +30,7 @@ order (build on meta, checkpoint and shard each block, materialise, fill from th
 order and the learning-rate schedule, one optimizer step, the flat loop, the export; run() strings them
 together. What guards it lives beside it, in support/: train_config.py (the flags and their checks), rundir.py
 (--out, its lock, the resumable checkpoints), distributed.py (the process group), progress.py (logging), plan.py
-(the cost).
+(the cost). context_parallel.py, read after this file, splits each sequence over --cp ranks.
 """
 
 import math
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import context_parallel
 from data.packed import PackedData
 from model import Llama
 from support import distributed, rundir
@@ -147,17 +150,20 @@ def get_lr(step, tc):
 # ---- 3) one step, the loop, the validation loss -------------------------------------------------------
 
 def train_step(model, optimizer, train, order, step, tc, env, amp):
-    """One optimizer step over the global batch: each rank runs its micro-batches (gradient accumulation),
-    FSDP averages the gradients over the ranks, then clip, step, zero. Returns (mean loss, gradient norm),
-    device tensors: reading them would make the host wait for the GPU."""
-    accum = tc.batch_size // (env.world * tc.micro_batch)
+    """One optimizer step over the global batch: each data-parallel rank runs its micro-batches (gradient
+    accumulation), FSDP averages the gradients over the ranks, then clip, step, zero. With --cp N the N ranks
+    of a group read the same sequences and each keeps its part (context_parallel.inputs_and_targets says why
+    the gradients stay the single process's). Returns (mean loss, gradient norm), device tensors: reading
+    them would make the host wait for the GPU."""
+    dp_rank, dp_world = env.rank // tc.cp, env.world // tc.cp  # ranks g*N .. g*N+N-1 share sequences
+    accum = tc.batch_size // (dp_world * tc.micro_batch)
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(accum):
-        first = step * tc.batch_size + (env.rank * accum + micro) * tc.micro_batch  # global sample number
+        first = step * tc.batch_size + (dp_rank * accum + micro) * tc.micro_batch  # global sample number
         blocks = torch.stack([train.block(order[g], tc.seq_len) for g in range(first, first + tc.micro_batch)])
         blocks = blocks.to(env.device, non_blocking=True)  # (B, T+1)
         with amp():
-            loss = model(blocks[:, :-1], blocks[:, 1:]) / accum
+            loss = model(*context_parallel.inputs_and_targets(blocks, model.context_parallel)) / accum
         loss.backward()  # FSDP reduce-scatters (averaging over ranks) in each backward
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
@@ -210,16 +216,18 @@ def train_loop(model, optimizer, data, tc, env, start, progress, stop):
 
 @torch.no_grad()
 def evaluate(model, val, tc, env, amp):
-    """Mean loss over the first --eval-blocks validation sequences, spread over the ranks."""
+    """Mean loss over the first --eval-blocks validation sequences, spread over the data-parallel ranks
+    (with --cp, each rank of a group adds the mean over its part: equal parts, so the sequence's mean)."""
     n = min(tc.eval_blocks, val.num_blocks(tc.seq_len))
     if n == 0:
         return None
     model.eval()
+    dp_rank, dp_world = env.rank // tc.cp, env.world // tc.cp
     total = torch.zeros(2, device=env.device)  # (sum of losses, count)
-    for i in range(env.rank, math.ceil(n / env.world) * env.world, env.world):  # same count everywhere: FSDP all-gathers
+    for i in range(dp_rank, math.ceil(n / dp_world) * dp_world, dp_world):  # same count everywhere: FSDP all-gathers
         block = val.block(i % n, tc.seq_len).to(env.device)
         with amp():
-            loss = model(block[None, :-1], block[None, 1:])
+            loss = model(*context_parallel.inputs_and_targets(block[None], model.context_parallel))
         if i < n:
             total += torch.stack([loss.float(), torch.ones((), device=env.device)])
     if env.world > 1:
@@ -262,6 +270,14 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
         raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
 
 
+def layout(plan, tc, env, start):
+    """The run's shape in one line: processes, micro-steps, sequences per step."""
+    groups = f" ({env.world // tc.cp} data-parallel x --cp {tc.cp})" if tc.cp > 1 else ""
+    return (f"{plan.params / 1e6:.1f}M parameters, {env.world} process(es){groups} x "
+            f"{tc.batch_size // (env.world // tc.cp * tc.micro_batch)} micro-steps x {tc.micro_batch} = "
+            f"{tc.batch_size} sequences per step{f', resuming at step {start}' if start else ''}")
+
+
 # ---- main: check, claim --out, build, resume, train, export ------------------------------------------
 
 def main(argv=None):
@@ -284,16 +300,16 @@ def run(argv, cleanup):
         return 0
     stop = distributed.StopRequest(cleanup)                 # SIGTERM: finish the step, checkpoint, exit
     distributed.start(env, cleanup)                         # 4) the process group (gloo on CPU, nccl on CUDA)
+    cp = context_parallel.setup(tc.cp, tc.seq_len, env)     #    with --cp N, the groups of N sharing a sequence
     rundir.claim(tc, env, cleanup)                          #    and --out, locked for this run
     model = allocate(mcfg, tc, env)                         # 5) model, optimizer, data
+    context_parallel.enable(model, cp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
                                   fused=env.device.type == "cuda", foreach=None if env.device.type == "cuda" else True)
     data = PackedData(tc.data, "train"), PackedData(tc.data, "val")
     start = rundir.resume(model, optimizer, tc, env)
     if env.master:
-        print(f"{plan.params / 1e6:.1f}M parameters, {env.world} process(es) x "
-              f"{tc.batch_size // (env.world * tc.micro_batch)} micro-steps x {tc.micro_batch} = {tc.batch_size} "
-              f"sequences per step{f', resuming at step {start}' if start else ''}", file=sys.stderr)
+        print(layout(plan, tc, env, start), file=sys.stderr)
     progress = Progress(tc, env, start, plan.flops_per_token, plan.peak_flops if env.device.type == "cuda" else None)
     log, stopped = train_loop(model, optimizer, data, tc, env, start, progress, stop)   # 6) the loop
     if stopped:

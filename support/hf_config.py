@@ -112,6 +112,13 @@ def sliding_window(hf):
     return hf.get("sliding_window")
 
 
+def export_note(cfg):
+    """What a user must know of an export of `cfg` (printed by Llama.save_pretrained)."""
+    if cfg.rope.method == "dynamic-yarn":
+        print(f"note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json declares static "
+              f"yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), which those tools will use", file=sys.stderr)
+
+
 def config_to_hf(cfg, dtype=torch.float32):
     """The config.json dict of `cfg`, for weights stored in `dtype`. Attention here is full: the export
     says so (sliding_window null), since Mistral's transformers class reads a missing key as a 4096 window."""

@@ -70,6 +70,8 @@ class TrainConfig:
                                               "recompute all) or selective (input and attention outputs: "
                                               "recompute the rest); default selective from seq-len 2048, "
                                               "else none (model.py gives the memory estimate)", str, CHECKPOINTING)
+    cp: int = arg(1, "context parallelism: split each sequence over N processes (context_parallel.py), for "
+                     "sequences too long for one GPU's activations; the processes are data-parallel x N")
     compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "
                                "left out of the reported speed)")
     # checkpoints and logging
@@ -107,7 +109,7 @@ GROUPS = {
     "RoPE: which method, over which original context L": ("yarn_scale", "rope", "rope_factor", "original_ctx", "seq_len"),
     "optimisation (the paper's recipe)": ("steps", "batch_size", "micro_batch", "lr", "lr_schedule", "warmup",
                                           "weight_decay", "grad_clip", "seed"),
-    "engine": ("device", "dtype", "activation_checkpointing", "compile"),
+    "engine": ("device", "dtype", "activation_checkpointing", "cp", "compile"),
     "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
     "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu", "fit_check"),
     "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
@@ -170,6 +172,7 @@ def run_plan(tc, mcfg, env, save_dtype):
     else:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / env.world
     peak = peak_flops(torch.cuda.get_device_name(env.device) if cuda else "H100") if gpu else None
+    # TODO(#26): pass cp=tc.cp once plan.py takes it (activations divided by cp, gathered K/V: the other branch)
     return Plan(mcfg, tc.seq_len, tc.activation_checkpointing, tc.batch_size, tc.steps, tc.micro_batch,
                 tc.gpus or env.world, memory, bf16=tc.dtype == "bf16" or (tc.dtype == "auto" and gpu), peak_flops=peak,
                 mfu=tc.mfu, device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize)
@@ -196,7 +199,7 @@ def check_flags(tc):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if above else '>='} {low}, "
                             f"got {value}")
 
-    at_least(1, "steps", "batch_size", "micro_batch", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
+    at_least(1, "steps", "batch_size", "micro_batch", "cp", "eval_blocks", "n_layer", "n_embd", "n_head", "n_kv_head",
              "intermediate_size", "original_ctx", "gpus", "log_every")
     at_least(0, "warmup", "eval_every")
     save_interval(tc)
@@ -250,9 +253,10 @@ def resolve(tc, hf, world):
         train = reading(PackedData, tc.data, "train")
         if train.num_blocks(tc.seq_len) < 1:
             raise UserError(f"{tc.data}/train.bin holds {len(train)} tokens, fewer than one sequence of {tc.seq_len}")
-    if tc.batch_size % (world * tc.micro_batch):
-        raise UserError(f"--batch-size {tc.batch_size} is not divisible by world size {world} x "
-                        f"--micro-batch {tc.micro_batch}")
+    check_context_parallel(tc, world)
+    if tc.batch_size % (world // tc.cp * tc.micro_batch):
+        raise UserError(f"--batch-size {tc.batch_size} is not divisible by world size {world}"
+                        f"{f' / --cp {tc.cp}' if tc.cp > 1 else ''} x --micro-batch {tc.micro_batch}")
     scratch = tc.init == "scratch"
     tc = replace(tc, lr=tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5),
                  lr_schedule=tc.lr_schedule or ("cosine" if scratch else "constant"),
@@ -261,6 +265,16 @@ def resolve(tc, hf, world):
     for file in tok_files:
         check_side_file(file)
     return tc, mcfg, tok_files, notes
+
+
+def check_context_parallel(tc, world):
+    """--cp N: N divides the world (each data-parallel group is N ranks) and the sequence cuts into 2N
+    equal chunks (context_parallel.py's load balance)."""
+    if world % tc.cp:
+        raise UserError(f"--cp {tc.cp} does not divide the world size {world}: the processes are data-parallel "
+                        "groups of --cp each")
+    if tc.seq_len % (2 * tc.cp):
+        raise UserError(f"--seq-len {tc.seq_len} does not cut into 2 x --cp = {2 * tc.cp} equal chunks")
 
 
 def scratch_model(tc, meta):

@@ -200,13 +200,13 @@ def copy_model(tok, C=64, H=4):
     return model.eval()
 
 
-def tiny_checkpoint(path, vocab=VOCAB, tokenizer=None, seed=0, layers=2, kv=2):
+def tiny_checkpoint(path, vocab=VOCAB, tokenizer=None, seed=0, layers=2, kv=2, **config):
     """A random tiny Llama (width 64, 4 heads over `kv` KV heads, L = 64) saved at `path`, with a copy of
-    `tokenizer` beside it if given."""
+    `tokenizer` beside it if given; `config`: other LlamaConfig fields (a Qwen3: model_type, qk_norm, head_dim)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=kv,
-                      rope=RopeConfig(head_dim=16, original_max_position_embeddings=L))
+                      rope=RopeConfig(head_dim=16, original_max_position_embeddings=L), **config)
     model = Llama(cfg)
     model.init_weights()
     model.save_pretrained(str(path))

@@ -74,8 +74,7 @@ def ruler_table(results, lengths, tasks):
     rows = [[t] + [cell(r, t, n) for n in lengths for r in results] for t in tasks]
     rows.append(["**average**"] + [f"**{r['average'][str(n)]:.1f}**" if str(n) in r["average"] else "-"
                                    for n in lengths for r in results])
-    legend = "" if len(results) == 1 else "\n\n" + "; ".join(f"{tag(i).strip()}: {r['method']}"
-                                                                for i, r in enumerate(results))
+    legend = "\n\n" + "; ".join(f"{tag(i).strip() or 'method'}: {r['method']}" for i, r in enumerate(results))
     return markdown_table(header, rows) + legend
 
 

@@ -125,6 +125,19 @@ def test_lengths_the_haystack_cannot_fill_are_refused(sources, files):
         ruler.make_sample(ruler.TASKS["niah_single_2"], tok, 200000, 0, 0, src)
 
 
+def test_haystack_from_text_jsonl_or_a_prepared_dataset(files, tmp_path):
+    from data.packed import prepare
+    text = (files / "hay.txt").read_text()
+    want = ruler.haystack_words([text])
+    (tmp_path / "hay.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    prepare(str(tmp_path / "data"), [("a", lambda: text)], [("a", lambda: text)], tokenizer=str(files / "ckpt"))
+    for paths in ([str(files / "hay.txt")], [str(tmp_path / "hay.jsonl")], [str(tmp_path / "data")],
+                  [str(tmp_path / "data" / "train.bin")]):
+        assert ruler.read_haystack(paths, 100000) == want, paths  # decoded with the dataset's own tokenizer
+    assert len(ruler.read_haystack([str(files / "hay.txt")], 10)) == len(want)  # whole documents, never cut
+    assert len(ruler.distinct_words(want)) > 1000
+
+
 # ---- scoring: RULER's definitions ---------------------------------------------------------------------
 
 def test_scoring_is_rulers():
@@ -232,6 +245,8 @@ def test_cli_json_table_samples_resume_and_report(files, tmp_path, capsys, monke
     (["--tasks", "qa_1", "--lengths", "700", "--qa-file", "hay.txt"], "not JSON"),
     (["--tasks", "niah_single_1", "--lengths", "700", "--resume"], "--resume"),
     (["--tasks", "niah_single_1", "--lengths", "700", "--samples", "0"], "--samples"),
+    (["--tasks", "niah_single_1", "--lengths", "700", "--save-samples", "bad.json"], "is not a samples file"),
+    (["--tasks", "niah_single_1", "--lengths", "700", "--save-samples", "hay.txt"], "is an input of this command"),
 ])
 def test_cli_errors(files, capsys, extra, message):
     extra = [str(files / x) if x.endswith((".txt", ".json")) else x for x in extra]

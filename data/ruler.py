@@ -3,9 +3,10 @@ RULER (Hsieh et al. 2024, NVIDIA/RULER), the long-context benchmark model cards 
 synthetic tasks generated as RULER generates them, each prompt exactly `length` tokens of the model's own
 tokenizer, and RULER's scoring. `eval.py ruler` runs it on a checkpoint.
 
-    src = Sources(haystack_words(read_texts(["pg19/val.jsonl"])))   # the essay haystack, and cwe's words
-    s = make_sample(TASKS["niah_multikey_1"], tok, 8192, index=0, seed=0, src=src)  # s.ids: 8192 ids exactly
-    score(TASKS["niah_multikey_1"], "The special magic ...", s.answers)             # RULER's metric, 0..1
+    src, tasks = make_sources(tok, list(TASKS), [8192], ["pg19/val.jsonl"], [], seed=0)  # haystack, words, vt's example
+    s, _ = make_sample(TASKS["niah_multikey_1"], tok, 8192, index=0, seed=0, src=src)  # s.ids: 8192 ids exactly
+    score(TASKS["niah_multikey_1"], " 1234567.", s.answers)                            # RULER's metric, 0..1
+    scores = evaluate(model, tok, tasks, [8192], 100, 0, src, batch_size=4)           # {task: {length: 0..100}}
 
 Read from RULER's repository (written anew here): the templates, answer prefixes and tokens to generate
 (scripts/data/synthetic/constants.py), the task arguments (scripts/synthetic.yaml), the needles and
@@ -271,9 +272,9 @@ def word_list(rng, words, n, common_repeats, rare_repeats, common):
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), drawn[:common]
 
 
-def fwe(task, rng, n, src, length, alpha=2.0, letters=6):
-    """Coded words of 6 letters, the word of rank k repeated n * k^-alpha / zeta(alpha) times (Zipf), rank 1
-    being the dots '...' (noise); the answer is ranks 2-4. The vocabulary is length / 50 words."""
+def fwe(task, rng, n, src, length, letters=6):
+    """Coded words of 6 letters, the word of rank k repeated n * k^-2 / zeta(2) times (Zipf, RULER's alpha = 2),
+    rank 1 being the dots '...' (noise); the answer is ranks 2-4. The vocabulary is length / 50 words."""
     size = max(length // 50, 5)
     vocab = set()
     while len(vocab) < size:
@@ -281,8 +282,7 @@ def fwe(task, rng, n, src, length, alpha=2.0, letters=6):
     vocab = sorted(vocab)
     rng.shuffle(vocab)
     vocab[0] = "..."
-    zeta = math.pi ** 2 / 6 if alpha == 2.0 else sum(k ** -alpha for k in range(1, 10**6))
-    words = [w for k, w in enumerate(vocab, 1) for _ in range(int(n * k ** -alpha / zeta))]
+    words = [w for k, w in enumerate(vocab, 1) for _ in range(int(n / k**2 / (math.pi**2 / 6)))]  # zeta(2) = pi^2/6
     rng.shuffle(words)
     head, tail = template_parts(FWE)
     return Prompt(head, " ".join(words), tail, " ..." * 64, vocab[1:4])

@@ -57,7 +57,6 @@ retrieval (the task itself is data/passkey.py's), RULER beside them (data/ruler.
 methods on one checkpoint by swapping only its tables.
 """
 
-import argparse
 import math
 import os
 import time
@@ -71,11 +70,11 @@ from data import passkey, ruler
 from model import Llama, LlamaConfig
 from support import report
 from support.checkpoint import drop_padding, read_config
-from support.common import (ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels, describe, note,
-                            one_line_errors, pick_device, pick_dtype, reading, rope_config, yarn_scale)
+from support.common import (ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels, describe,
+                            note, one_line_errors, pick_device, pick_dtype, reading, rope_config, yarn_scale)
 from support.eval_checks import check_task_flags, float_list, int_list, note_documents, parse_rope_spec
-from support.samples import open_samples
 from support.hf_config import original_context, replaced_scaling_note
+from support.samples import open_samples
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------
@@ -234,9 +233,9 @@ def parse_args(argv):
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys")
     add_ruler_flags(sub, common)
-    rp = sub.add_parser("report", help="merge the --json files of several ppl runs, or of several passkey runs, "
+    rp = sub.add_parser("report", help="merge the --json files of several ppl runs (or passkey runs, or ruler runs) "
                         "into one table and plot")
-    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey --json)")
+    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey, ruler --json)")
     rp.add_argument("--out", default=None, metavar="MD", help="also write the table here (and a PNG next to it)")
     return p.parse_args(argv)
 
@@ -265,7 +264,8 @@ def check_args(args):
     """Checks that need no weights. Returns the checkpoint's config and the RoPE methods, with their labels."""
     lengths = args.lengths
     check_task_flags(args)
-    report.check_outputs(args.json, args.plot, inputs=getattr(args, "data", None) or getattr(args, "haystack", None) or ())
+    inputs = getattr(args, "data", None) or getattr(args, "haystack", None) or ()
+    report.check_outputs(args.json, args.plot, inputs=inputs)
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     yarn_scale(args)
@@ -330,7 +330,7 @@ def read_ruler(args, cfg):
     tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
     src, args.tasks = reading(ruler.make_sources, tok, args.tasks, args.lengths, args.haystack, args.qa_file, args.seed)
     if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocabulary of {cfg.vocab_size}")
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     return (tok, src), tok.vocab_size
 
 

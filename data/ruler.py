@@ -369,7 +369,8 @@ def fit(tok, p, bos, length, at_end):
         return ids
     fill = tok.encode(p.more)[:missing]
     if at_end or len(fill) < missing:
-        raise ValueError(f"the haystack is too short for {length} tokens: give a longer --haystack or shorter --lengths")
+        raise ValueError(f"the haystack is too short for {length} tokens: give a longer --haystack, or shorter "
+                         "--lengths")
     upto = bos + tok.encode(p.head + p.context)
     cut = next((i for i, (a, b) in enumerate(zip(upto, ids)) if a != b), min(len(upto), len(ids)))
     return ids[:cut] + fill + ids[cut:]

@@ -73,7 +73,8 @@ def check_ruler_flags(args):
         raise UserError(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
     needs = [t for t in args.tasks if TASKS[t].needs_haystack]
     if needs and not args.haystack:
-        raise UserError(f"--haystack FILE is needed by {', '.join(needs)} (RULER's essays; or leave them out of --tasks)")
+        raise UserError(f"--haystack FILE is needed by {', '.join(needs)} (RULER's essays; or leave them out of "
+                        "--tasks)")
     check_samples(args.save_samples, args.resume, inputs=(args.haystack or []) + (args.qa_file or []))
 
 

@@ -53,8 +53,9 @@ def files(tmp_path_factory):
     haystack file; SQuAD and HotpotQA files."""
     root = tmp_path_factory.mktemp("ruler")
     (root / "hay.txt").write_text(haystack_text(1500))
-    text = "\n".join([haystack_text(300, seed=1), ruler.NIAH, ruler.NEEDLE, ruler.NOISE, ruler.VT, ruler.CWE, ruler.FWE,
-                      ruler.QA, " ".join(ruler.ADJECTIVES), " ".join(ruler.NOUNS), "0123456789 abcdef ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
+    text = "\n".join([haystack_text(300, seed=1), ruler.NIAH, ruler.NEEDLE, ruler.NOISE, ruler.VT, ruler.CWE,
+                      ruler.FWE, ruler.QA, " ".join(ruler.ADJECTIVES), " ".join(ruler.NOUNS),
+                      "0123456789 abcdef ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
     tiny_model(vocab=VOCAB).save_pretrained(str(root / "ckpt"))
     (root / "ckpt" / "tokenizer.model").write_bytes(train_tokenizer([("t", lambda: text)], VOCAB))
     (root / "squad.json").write_text(json.dumps(SQUAD))
@@ -84,8 +85,9 @@ def test_prompt_is_exactly_the_length_and_holds_the_answers(sources, name):
             assert len(s.ids) == length and s.ids[0] == tok.bos_id  # the length asked, to the token, BOS included
             text = tok.decode(s.ids)
             assert all(a in text for a in s.answers), (name, s.answers)  # no needle cut by the fitting
-            prefix = {"niah": ("in the provided text is", "in the provided text are"), "vt": "they are:", "cwe": "appear most often in the list are:",
-                      "fwe": "the three most frequently appeared words are:", "qa": "Answer:"}[task.kind]
+            prefix = {"niah": ("in the provided text is", "in the provided text are"), "vt": "they are:",
+                      "cwe": "appear most often in the list are:", "qa": "Answer:",
+                      "fwe": "the three most frequently appeared words are:"}[task.kind]
             assert text.rstrip().endswith(prefix), text[-200:]  # the template and its answer prefix, last
         again, _ = ruler.make_sample(task, tok, length, index, 0, src)  # reproducible alone, without the guess
         assert again.ids == s.ids and again.answers == s.answers
@@ -198,8 +200,8 @@ def RULER(files, *extra):
 
 def test_cli_json_table_samples_resume_and_report(files, tmp_path, capsys, monkeypatch):
     out, log = tmp_path / "r.json", tmp_path / "r.jsonl"
-    args = RULER(files, "--tasks", "niah_single_2,cwe,qa_1", "--lengths", "1000,1200", "--samples", "3",
-                 "--batch-size", "2", "--qa-file", str(files / "squad.json"), "--json", str(out), "--save-samples", str(log))
+    args = RULER(files, "--tasks", "niah_single_2,cwe,qa_1", "--lengths", "1000,1200", "--samples", "3", "--batch-size",
+                 "2", "--qa-file", str(files / "squad.json"), "--json", str(out), "--save-samples", str(log))
     ev.main(args)
     stdout = capsys.readouterr().out
     run = json.loads(out.read_text())
@@ -222,7 +224,8 @@ def test_cli_json_table_samples_resume_and_report(files, tmp_path, capsys, monke
     log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:-3]) + log.read_text().splitlines()[-3][:50])
     decoded = []
     real = ruler.greedy_batch
-    monkeypatch.setattr(ruler, "greedy_batch", lambda m, prompts, *a, **k: decoded.extend(prompts) or real(m, prompts, *a, **k))
+    monkeypatch.setattr(ruler, "greedy_batch",
+                        lambda m, prompts, *a, **k: decoded.extend(prompts) or real(m, prompts, *a, **k))
     ev.main(args + ["--resume"])
     assert len(decoded) == 3 and json.loads(out.read_text())["results"][0]["scores"] == r["scores"]
     assert [json.loads(x)["index"] for x in log.read_text().splitlines()] == [x["index"] for x in lines]

@@ -15,8 +15,8 @@ the word lists (common_words_extraction.py), the Zipf-coded text (freq_words_ext
 (qa.py), and the metrics (scripts/eval/synthetic/constants.py, evaluate.py): string_match_all, the fraction
 of the references found in the answer (every task but QA), string_match_part, 1 if any is (QA).
 
-The prompt is RULER's template with its answer prefix after it (RULER's prompt for base models). Where we
-differ, and why:
+The prompt is RULER's template with its answer prefix after it (RULER's prompt for base models; vt's reads
+"assigned", as RULER's has since May 2025, where earlier versions read "assgined"). Where we differ, and why:
 - Length: RULER fits prompt + tokens to generate under the length; here the prompt alone is `length` ids
   (BOS included): the haystack amount is the largest that fits (searched), and the few tokens still missing
   are the haystack's own continuation, put in at a token boundary at the end of the context (fit).

@@ -12,6 +12,9 @@ passkey retrieval.
     python eval.py ppl --model out/llama-yarn --data data/books/val.bin --lengths 8192 --stride 256
     # passkey retrieval: accuracy per length and depth of the key in the filler
     python eval.py passkey --model out/llama-yarn --lengths 4096,8192,16384 --depths 0,0.25,0.5,0.75,1 --trials 10
+    # RULER (Hsieh et al. 2024): its 11 synthetic tasks (13 with QA data), each prompt exactly each length
+    python eval.py ruler --model out/llama-yarn --lengths 4096,8192,16384,32768,65536,131072 \
+        --haystack data/pg19/val.bin --samples 100 --json out/ruler.json --save-samples out/ruler.jsonl
     # several checkpoints in one table: label each run, then merge their JSON
     python eval.py ppl --model out/pi --label PI --data heldout/ --lengths 4096,8192 --json out/pi.json
     python eval.py report out/base.json out/pi.json out/yarn.json --out out/ppl.md
@@ -35,6 +38,10 @@ token after the first is scored exactly once; that costs about length / stride r
 token, and a run over 50 is announced with its forward passes and tokens before it starts.
 Perplexity = exp(total loss / total scored tokens) over the documents; the JSON names them (one list, or
 one per length when they differ). The loss runs in chunks of the vocabulary: memory is linear in the length.
+ruler: RULER's synthetic tasks as RULER generates them (data/ruler.py says how, and where we differ), each
+prompt exactly `length` ids, greedy answers stopped at EOS or a newline, RULER's metric (the fraction of the
+references in the answer; for QA any), averaged per task and length (0-100). --save-samples writes every
+prompt, answer and score (a run cut short resumes from it with --resume).
 passkey: the prompt of Mohtashami & Jaggi (2023), which the YaRN paper uses unchanged (data/passkey.py
 writes it): the task line, filler ("The grass is green. The sky is blue. ..."), the key line "The pass key
 is K. Remember it. K is the pass key." after a fraction `depth` of the filler (0 = start, 1 = end), more
@@ -46,11 +53,10 @@ with .png, or --plot FILE) when matplotlib is installed: perplexity against leng
 passkey accuracy as a length x depth heatmap.
 
 What this file teaches: the paper's two measurements, perplexity by context length and passkey
-retrieval (the task itself is data/passkey.py's), and comparing RoPE methods on one checkpoint by
-swapping only its tables.
+retrieval (the task itself is data/passkey.py's), RULER beside them (data/ruler.py's), and comparing RoPE
+methods on one checkpoint by swapping only its tables.
 """
 
-import argparse
 import math
 import os
 import time
@@ -60,13 +66,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import passkey
+from data import passkey, ruler
 from model import Llama, LlamaConfig
 from support import report
-from support.checkpoint import read_config
-from support.common import (MAX_POSITIONS, ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels,
-                            describe, note, one_line_errors, pick_device, pick_dtype, reading, rope_config, yarn_scale)
+from support.checkpoint import drop_padding, read_config
+from support.common import (ArgumentParser, UserError, add_engine_flags, add_rope_flags, attention_kernels, describe,
+                            note, one_line_errors, pick_device, pick_dtype, reading, rope_config, yarn_scale)
+from support.eval_checks import check_task_flags, float_list, int_list, note_documents, parse_rope_spec
 from support.hf_config import original_context, replaced_scaling_note
+from support.samples import open_samples
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------
@@ -183,37 +191,6 @@ def stride_cost(chosen, stride, max_tokens=None):
 
 # ---- command line: parse, check, read the inputs, evaluate, write ---------------------------------------
 
-def int_list(s):
-    try:
-        values = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values or min(values) < 2 or max(values) > MAX_POSITIONS:
-        raise argparse.ArgumentTypeError(f"expected lengths in [2, {MAX_POSITIONS}], got {s!r}")
-    return sorted(set(values))
-
-
-def float_list(s):
-    try:
-        values = [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"depths are fractions in [0, 1], got {s!r}")
-    return sorted(set(values))
-
-
-def parse_rope_spec(spec, default_factor):
-    """'yarn:8' -> ('yarn', 8.0); 'dynamic-yarn' -> ('dynamic-yarn', default_factor)."""
-    method, _, factor = spec.partition(":")
-    if not factor:
-        return method, default_factor
-    try:
-        return method, float(factor)
-    except ValueError:
-        raise UserError(f"--rope {spec}: the factor after ':' must be a number") from None
-
-
 def parse_args(argv):
     common = ArgumentParser(add_help=False)
     model = common.add_argument_group("model and lengths")
@@ -255,30 +232,40 @@ def parse_args(argv):
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys")
-    rp = sub.add_parser("report", help="merge the --json files of several ppl runs, or of several passkey runs, "
+    add_ruler_flags(sub, common)
+    rp = sub.add_parser("report", help="merge the --json files of several ppl runs (or passkey runs, or ruler runs) "
                         "into one table and plot")
-    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey --json)")
+    rp.add_argument("files", nargs="+", metavar="JSON", help="outputs of eval.py ppl --json (or passkey, ruler --json)")
     rp.add_argument("--out", default=None, metavar="MD", help="also write the table here (and a PNG next to it)")
     return p.parse_args(argv)
+
+
+def add_ruler_flags(sub, common):
+    g = sub.add_parser("ruler", parents=[common], help="RULER's synthetic tasks by length (Hsieh et al. 2024), the "
+                       "benchmark model cards report").add_argument_group("RULER")
+    g.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=list(ruler.TASKS),
+                   help="comma-separated tasks, RULER's names (default: all; qa_1 and qa_2 need --qa-file)")
+    g.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
+                   help="text for the essay haystack and cwe's words: .txt/.jsonl/.parquet files or folders, or a "
+                        "dataset of data/prepare.py (PG19 or Proof-pile serve where RULER takes essays)")
+    g.add_argument("--qa-file", action="append", default=None, metavar="JSON",
+                   help="SQuAD JSON (for qa_1) or HotpotQA JSON (for qa_2), repeatable")
+    g.add_argument("--samples", type=int, default=500, help="samples per task and length: RULER's 500 (default), "
+                   "or 100, five times faster (a cell's standard error: at most 2.2 points at 500, 5 at 100)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (their KV cache is batch x "
+                   "(length + 128 tokens))")
+    g.add_argument("--save-samples", default=None, metavar="JSONL", help="one JSON line per sample: prompt ids, "
+                   "references, answer and score; written as the run goes")
+    g.add_argument("--resume", action="store_true", help="continue the run whose --save-samples file this is")
 
 
 def check_args(args):
     """Checks that need no weights. Returns the checkpoint's config and the RoPE methods, with their labels."""
     lengths = args.lengths
-    if args.task == "ppl":
-        if args.stride is not None and not 1 <= args.stride < lengths[0]:
-            raise UserError(f"--stride must be at least 1 and less than the shortest length {lengths[0]}, got "
-                            f"{args.stride}")
-        if args.max_docs is not None and args.max_docs < 1:
-            raise UserError(f"--max-docs must be >= 1, got {args.max_docs}")
-        if args.max_tokens is not None and args.stride is None:
-            raise UserError("--max-tokens applies to --stride windows (without it documents are truncated to each "
-                            "length)")
-        if args.max_tokens is not None and args.max_tokens < lengths[-1]:
-            raise UserError(f"--max-tokens must be at least the longest length {lengths[-1]}, got {args.max_tokens}")
-    elif args.trials < 1:
-        raise UserError(f"--trials must be >= 1, got {args.trials}")
-    report.check_outputs(args.json, args.plot, inputs=getattr(args, "data", None) or ())
+    check_task_flags(args)
+    inputs = getattr(args, "data", None) or getattr(args, "haystack", None) or ()
+    report.check_outputs(args.json, args.plot, inputs=inputs)
     if args.original_ctx is not None and args.original_ctx < 1:
         raise UserError(f"--original-ctx must be >= 1, got {args.original_ctx}")
     yarn_scale(args)
@@ -316,18 +303,6 @@ def read_documents(args, cfg):
     return chosen, vocab
 
 
-def note_documents(docs, chosen, per_length):
-    """How many documents are scored, and how many are too short: one line, or one per length."""
-    for n in chosen if per_length else [max(chosen)]:
-        usable = sum(len(ids) >= n for _, ids in docs)
-        if not usable:
-            note(f"warning: length {n}: no document has {n} tokens; skipped")
-            continue
-        what = f"length {n}: {len(chosen[n])} documents" if per_length else \
-            f"{len(chosen[n])} documents of at least {n} tokens, each scored at every length"
-        note(what + (f" ({len(docs) - usable} shorter ones skipped)" if usable < len(docs) else ""))
-
-
 def warn_stride_cost(chosen, stride, max_tokens):
     passes, read, scored = stride_cost(chosen, stride, max_tokens)
     if read > STRIDE_COST_WARNING * scored:
@@ -348,11 +323,42 @@ def read_tokenizer(args, cfg):
     return tok, tok.vocab_size
 
 
+def read_ruler(args, cfg):
+    """ruler's tokenizer and what its tasks draw from; each task's first sample is made at every length, so a
+    length too short for a task, or past what the haystack fills, is refused before the weights are read."""
+    from data.tokenizer import load_tokenizer
+    tok = reading(load_tokenizer, args.model, prefix="tokenizer missing or unreadable: ")
+    src, args.tasks = reading(ruler.make_sources, tok, args.tasks, args.lengths, args.haystack, args.qa_file, args.seed)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
+    return (tok, src), tok.vocab_size
+
+
+def run_ruler(args, model, inputs, label, done, append):
+    """One method's RULER scores; the lines of --save-samples appended as they are scored."""
+    tok, src = inputs
+    log = (lambda lines: append([{"method": label, **line} for line in lines])) if append else None
+    mine = {key[1:]: line for key, line in done.items() if key[0] == label}
+    try:
+        scores = ruler.evaluate(model, tok, args.tasks, args.lengths, args.samples, args.seed, src, args.batch_size,
+                                mine, log, desc=label)
+    except torch.OutOfMemoryError as e:
+        raise UserError(f"out of memory with --batch-size {args.batch_size} at up to {args.lengths[-1]} tokens: a "
+                        f"smaller batch needs less ({str(e).splitlines()[0]})") from None
+    return {"method": label, "scores": {t: {str(n): v for n, v in row.items()} for t, row in scores.items()},
+            "average": {str(n): float(np.mean([scores[t][n] for t in args.tasks])) for n in args.lengths}}
+
+
 def run(args, model, ropes, labels, inputs, device):
     """Each method in turn on the same weights: only the RoPE tables are swapped."""
     results, lengths = [], args.lengths
+    if args.task == "ruler":
+        done, append = open_samples(args.save_samples, args.resume) if args.save_samples else ({}, None)
     for label, rope in zip(labels, ropes):
         model.set_rope(rope)
+        if args.task == "ruler":
+            results.append({**run_ruler(args, model, inputs, label, done, append), "rope": asdict(rope)})
+            continue
         if args.task == "ppl":
             r = evaluate_ppl(model, inputs, args.stride, args.max_tokens, desc=label)
             results.append({"method": label, "rope": asdict(rope), "ppl": {str(n): v for n, v in r.items()}})
@@ -375,6 +381,8 @@ def run_json(args, results):
     flags and the results."""
     extra = {"data": args.data, "stride": args.stride, "docs_per_length": args.docs_per_length,
              "documents": scored_documents(results)} if args.task == "ppl" else \
+        {"tasks": args.tasks, "samples": args.samples, "seed": args.seed, "haystack": args.haystack,
+         "qa_files": args.qa_file} if args.task == "ruler" else \
         {"depths": args.depths, "trials": args.trials, "seed": args.seed}
     return {"task": args.task, "model": args.model, "lengths": args.lengths, **extra, "results": results}
 
@@ -386,18 +394,6 @@ def scored_documents(results):
     return next(iter(names.values())) if len({tuple(v) for v in names.values()}) == 1 else names
 
 
-def drop_padding(model, vocab):
-    """A model padded past its tokenizer (Qwen2.5 7B: 152,064 rows for 151,665 tokens): the rows past
-    `vocab` stand for no token, so perplexity and decoding are over the tokenizer's `vocab`, as if the head
-    had only those rows."""
-    rows = model.config.vocab_size
-    if vocab < rows:
-        note(f"note: the model's {rows} output rows go past the tokenizer's {vocab} tokens: the {rows - vocab} "
-             "padding rows are left out")
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[:vocab], requires_grad=False)
-        model.lm_head.out_features = vocab
-
-
 def main(argv=None):
     with one_line_errors():
         args = parse_args(argv)
@@ -406,7 +402,8 @@ def main(argv=None):
         cfg, ropes, labels, notes = check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        inputs, vocab = read_documents(args, cfg) if args.task == "ppl" else read_tokenizer(args, cfg)
+        inputs, vocab = read_documents(args, cfg) if args.task == "ppl" else read_ruler(args, cfg) \
+            if args.task == "ruler" else read_tokenizer(args, cfg)
         for line in notes:  # which L a --rope METHOD scales from, when config.json does not say it
             note(line)
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device, config=cfg)

@@ -7,6 +7,7 @@ per step, each drawn from the logits by sample_token (greedy, temperature, top-k
     print(tok.decode(new), timing.summary(), sep="\n")
 
 sample.py streams it to a terminal; eval.py's passkey test (data/passkey.py) decodes greedily with it.
+greedy_batch decodes several prompts of one length at once, greedily (eval.py ruler, data/ruler.py).
 What guards it: generate refuses a prompt longer than the cache and stops where the cache ends;
 check_sampling, at the bottom, turns bad sampling flags into a UserError for the commands.
 """
@@ -80,6 +81,32 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=
     if not out:
         t1 = t2
     return out, Timing(P, t1 - t0, len(out), t2 - t1)
+
+
+@torch.no_grad()
+def greedy_batch(model, prompts, max_new_tokens, finished=None, vocab=None, chunk_size=None):
+    """Greedy decoding of B prompts of the same length P together: one batched prefill, then one token per
+    step for all B. A sequence is done when finished(its new tokens) says so (or after max_new_tokens); the
+    batch ends when all are. Uses the cache there if it holds B rows of P + max_new_tokens, else sets one up.
+    Returns each sequence's new tokens, the one that finished it included."""
+    device = next(model.parameters()).device
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, P)
+    B, P = idx.shape
+    if model.cache is None or model.cache.tokens.size(0) != B or model.cache.max_len < P + max_new_tokens:
+        model.cache = None  # free the old one first: two at once may not fit
+        model.setup_cache(B, P + max_new_tokens)
+    logits = model.prefill(idx, chunk_size)[:, -1, :vocab]  # (B, V)
+    out, live = [[] for _ in range(B)], [True] * B
+    for i in range(max_new_tokens):
+        tokens = logits.argmax(-1)  # (B,); the first of equal maxima, as sample_token and transformers take
+        for b, t in enumerate(tokens.tolist()):
+            if live[b]:
+                out[b].append(t)
+                live[b] = not (finished and finished(out[b]))
+        if not any(live) or i == max_new_tokens - 1:
+            break
+        logits = model(tokens[:, None], pos=P + i, last_only=True)[:, -1, :vocab]
+    return out
 
 
 @dataclass

@@ -8,6 +8,7 @@ leaves half-written.
     for name, t in read_tensors(path, expected_shapes):     # one tensor at a time, checked
         ...
     save(path, state, config_json)                          # staged aside, then swapped in (publish.py)
+    drop_padding(model, tok.vocab_size)                     # eval.py: a head padded past the tokenizer, cut to it
 
 Both Llama.from_pretrained and train.py's sharded loading read weights through read_tensors: one
 stream, one set of checks and messages. Every problem is a CheckpointError, one line for the user.
@@ -20,7 +21,7 @@ import shutil
 
 import torch
 
-from support.common import UserError
+from support.common import UserError, note
 from support.publish import new_dir, write_json
 
 
@@ -186,3 +187,15 @@ def check_replaceable(path):
         if foreign:
             raise CheckpointError(f"refusing to replace {path}: it holds {foreign[0]!r}, which save_pretrained "
                                   "did not write (save to a new or empty directory)")
+
+
+def drop_padding(model, vocab):
+    """A model padded past its tokenizer (Qwen2.5 7B: 152,064 rows for 151,665 tokens): the rows past
+    `vocab` stand for no token, so perplexity and decoding are over the tokenizer's `vocab`, as if the head
+    had only those rows."""
+    rows = model.config.vocab_size
+    if vocab < rows:
+        note(f"note: the model's {rows} output rows go past the tokenizer's {vocab} tokens: the {rows - vocab} "
+             "padding rows are left out")
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[:vocab], requires_grad=False)
+        model.lm_head.out_features = vocab

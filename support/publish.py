@@ -57,6 +57,15 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def append_lines(path, lines):
+    """Append whole lines to a log of ours and wait until they are on disk. A crash can cut only the last line
+    short; its reader drops such a line (support/samples.py), so the log holds what was finished."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def copy_file(src, dst):
     with open(src, "rb") as fsrc, new_file(dst, "wb") as fdst:
         shutil.copyfileobj(fsrc, fdst)

@@ -29,7 +29,10 @@ def write_run(run, json_path=None, plot_path=None):
     """One run of eval.py ppl or passkey: its table on stdout; with json_path the run as JSON, and the plot
     at plot_path (default: json_path with .png)."""
     lengths, results = run["lengths"], run["results"]
-    if run["task"] == "ppl":
+    if run["task"] == "ruler":
+        print(f"RULER of {run['model']}, {run['samples']} samples per task and length (score: RULER's, 0-100)\n")
+        print(ruler_table(results, lengths, run["tasks"]))
+    elif run["task"] == "ppl":
         what = f"sliding window, stride {run['stride']}" if run["stride"] else "whole documents truncated to each length"
         print(f"perplexity ({what}) of {run['model']}\n")
         rows = [[r["method"]] + [f"{r['ppl'][str(n)]['ppl']:.3f}" if r["ppl"][str(n)]["tokens"] else "-"
@@ -52,14 +55,47 @@ def write_run(run, json_path=None, plot_path=None):
         note(f"wrote {json_path}")
     plot = plot_path or (os.path.splitext(json_path)[0] + ".png" if json_path else None)
     if plot:
-        done = plot_ppl(results, lengths, plot) if run["task"] == "ppl" else \
-            plot_passkey(results, lengths, run["depths"], plot)
+        done = plot_ppl(results, lengths, plot) if run["task"] == "ppl" else plot_ruler(results, lengths, plot) \
+            if run["task"] == "ruler" else plot_passkey(results, lengths, run["depths"], plot)
         note(f"wrote {plot}" if done else "note: matplotlib is not installed: plot skipped (pip install matplotlib)")
 
 
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def ruler_table(results, lengths, tasks):
+    """Tasks x lengths and their average, for each method a column per length (several side by side: A, B, ...
+    named below the table)."""
+    tag = (lambda i: "") if len(results) == 1 else (lambda i: " " + chr(ord("A") + i % 26))
+    header = ["task \\ length"] + [f"{n}{tag(i)}" for n in lengths for i in range(len(results))]
+    cell = lambda r, t, n: f"{r['scores'][t][str(n)]:.1f}" if str(n) in r["scores"].get(t, {}) else "-"  # noqa: E731
+    rows = [[t] + [cell(r, t, n) for n in lengths for r in results] for t in tasks]
+    rows.append(["**average**"] + [f"**{r['average'][str(n)]:.1f}**" if str(n) in r["average"] else "-"
+                                   for n in lengths for r in results])
+    legend = "\n\n" + "; ".join(f"{tag(i).strip() or 'method'}: {r['method']}" for i, r in enumerate(results))
+    return markdown_table(header, rows) + legend
+
+
+def plot_ruler(results, lengths, path):
+    """RULER's average score against context length, one line per method. False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [n for n in lengths if str(n) in r["average"]]
+        ax.plot(xs, [r["average"][str(n)] for n in xs], marker="o", label=r["method"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set(xlabel="context length (tokens)", ylabel="RULER average score (0-100)", ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    return True
 
 
 def plot_ppl(results, lengths, path):
@@ -156,6 +192,8 @@ def report(files, out=None):
     tell_apart(runs)
     if runs[0]["task"] == "passkey":
         return passkey_report(runs, out)
+    if runs[0]["task"] == "ruler":
+        return ruler_report(runs, out)
     lengths = sorted({n for r in runs for n in r["lengths"]})
     results = [res for r in runs for res in r["results"]]
     cell = lambda res, n: (f"{res['ppl'][str(n)]['ppl']:.3f}" if str(n) in res["ppl"] and res["ppl"][str(n)]["tokens"]
@@ -178,6 +216,18 @@ def tell_apart(runs):
         for res in r["results"]:
             if labels.count(res["method"]) > 1 and isinstance(r.get("model"), str):
                 res["method"] = f"{os.path.basename(os.path.normpath(r['model']))}: {res['method']}"
+
+
+def ruler_report(runs, out):
+    lengths = sorted({n for r in runs for n in r["lengths"]})
+    tasks = list(dict.fromkeys(t for r in runs for t in r["tasks"]))
+    results = [res for r in runs for res in r["results"]]
+    table = ruler_table(results, lengths, tasks)
+    print("RULER: score per task and length (0-100), and the average over the tasks\n")
+    print(table)
+    if out:
+        write_report(out, table, lambda png: plot_ruler(results, lengths, png))
+    return results
 
 
 def passkey_report(runs, out):
@@ -234,13 +284,14 @@ def is_result(path):
             run = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(run, dict) and run.get("task") in ("ppl", "passkey") and isinstance(run.get("results"), list)
+    return isinstance(run, dict) and run.get("task") in ("ppl", "passkey", "ruler") and \
+        isinstance(run.get("results"), list)
 
 
 def is_table(path):
     try:
         with open(path) as f:
-            return f.readline().startswith("| method \\ length |")
+            return f.readline().startswith(("| method \\ length |", "| task \\ length |"))
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -256,8 +307,8 @@ def is_plot(path):
 def check_run(run):
     """Raise ValueError unless `run` has the shape eval.py ppl --json or passkey --json writes."""
     task = run.get("task") if isinstance(run, dict) else None
-    if task not in ("ppl", "passkey"):
-        raise ValueError("not the output of eval.py ppl --json or passkey --json")
+    if task not in ("ppl", "passkey", "ruler"):
+        raise ValueError("not the output of eval.py ppl --json, passkey --json or ruler --json")
     lengths, results = run.get("lengths"), run.get("results")
     if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
         raise ValueError('"lengths" must be a list of integers')
@@ -266,6 +317,8 @@ def check_run(run):
         raise ValueError('"depths" must be a list of numbers')
     if not isinstance(results, list) or not results:
         raise ValueError('"results" must be a non-empty list')
+    if task == "ruler":
+        return check_ruler_run(run)
     cells = "ppl" if task == "ppl" else "accuracy"
     for r in results:
         if not (isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get(cells), dict)):
@@ -283,3 +336,13 @@ def check_run(run):
             row = r["accuracy"].get(str(n))
             if not isinstance(row, dict) or not all(isinstance(row.get(str(d)), (int, float)) for d in depths):
                 raise ValueError(f'{r["method"]} @ {n}: expected an accuracy for each depth')
+
+
+def check_ruler_run(run):
+    if not isinstance(run.get("tasks"), list) or not all(isinstance(t, str) for t in run["tasks"]):
+        raise ValueError('"tasks" must be a list of task names')
+    for r in run["results"]:
+        ok = isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("average"), dict) and \
+            isinstance(r.get("scores"), dict) and all(isinstance(v, dict) for v in r["scores"].values())
+        if not ok:
+            raise ValueError('each result needs a "method" string, "scores" {task: {length: score}} and "average"')

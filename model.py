@@ -20,7 +20,6 @@ checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -28,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
-from support import checkpoint as hf_files, fastpaths, hf_config  # the guards beside the lesson: files, config.json, CPU fast paths
+from support import checkpoint as hf_files, fastpaths, hf_config, memory  # beside the lesson: files, config.json, fast paths, memory
 
 Linear = fastpaths.Linear  # nn.Linear, with a faster path for one row on a CPU
 
@@ -150,8 +149,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
         self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
         self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
+        self.tile = 0  # > 0: in training, `tile` positions at a time, each tile recomputed in backward (memory.py)
 
     def forward(self, x):
+        return memory.tiled_mlp(self.swiglu, x, self.tile, self.parameters()) if self.tile else self.swiglu(x)
+
+    def swiglu(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -164,15 +167,6 @@ class MLP(nn.Module):
 # bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up: 2 x 1.3;
 # down 0.5). So selective keeps 57% of the work for 0.5 GiB. A run's memory: support/plan.py (--dry-run).
 CHECKPOINTING = ("none", "full", "selective")
-ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)}
-
-
-def keep_attention(ctx, op, *args, **kwargs):
-    """The selective policy: save what the fused attention kernels return, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class Block(nn.Module):
@@ -191,7 +185,7 @@ class Block(nn.Module):
             return self._forward(x, cos, sin, cache, pos)
         if self.checkpointing == "full":
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        policy = partial(create_selective_checkpoint_contexts, keep_attention)  # a partial made here: what dynamo takes
+        policy = partial(create_selective_checkpoint_contexts, memory.keep_attention)  # a partial made here: what dynamo takes
         return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
 
     def _forward(self, x, cos, sin, cache=None, pos=0):
@@ -212,6 +206,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache = None                    # set up by setup_cache()
+        self.offload = False                 # block inputs in host memory (set_activation_checkpointing)
         self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
 
     @torch.no_grad()
@@ -228,12 +223,15 @@ class Llama(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def set_activation_checkpointing(self, mode):
-        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward."""
+    def set_activation_checkpointing(self, mode, tile_mlp=False, offload=False):
+        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward; and two trades
+        of time for memory (support/memory.py): the MLP over tiles of C positions, each recomputed in backward
+        (+1 MLP forward), and, under full checkpointing, each block's kept input in host memory."""
         if mode not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
         for block in self.model.layers:
-            block.checkpointing = mode
+            block.checkpointing, block.mlp.tile = mode, self.config.hidden_size if tile_mlp else 0
+        self.offload = offload and mode == "full"
 
     # ---- rotary tables ----------------------------------------------------------------------------
 
@@ -284,8 +282,9 @@ class Llama(nn.Module):
         positions = pos + torch.arange(T, device=idx.device)
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, pos)
+        for layer in self.model.layers:  # self.offload: what a block keeps for backward waits in host memory
+            with memory.saved_on_host(self.offload, keep=(cos, sin)):
+                x = layer(x, cos, sin, cache, pos)
         return self.model.norm(x)
 
     # ---- KV cache for generation ------------------------------------------------------------------
@@ -399,9 +398,7 @@ class Llama(nn.Module):
         """config.json, the weights as safetensors (sharded above max_shard_bytes) and `extra_files` (the
         tokenizer), staged aside and swapped in whole (support/checkpoint.py): a crash never half-writes one."""
         cfg = self.config
-        if cfg.rope.method == "dynamic-yarn":
-            print(f"note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json declares static "
-                  f"yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), which those tools will use", file=sys.stderr)
+        hf_config.export_note(cfg)  # what other tools will make of this method
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype

@@ -1,0 +1,135 @@
+"""
+What model.py calls to trade time for memory at long context, kept beside the lesson: the selective
+checkpointing policy, the MLP over tiles of the sequence, and the block inputs kept in host memory.
+Each gives the gradients of the plain model (tests/test_model.py checks them against it; tests/test_plan.py
+checks what they keep against plan.py's formulas).
+
+    from support import memory
+    y = memory.tiled_mlp(mlp.swiglu, x, tile, mlp.parameters())  # (B, T, C): tile by tile, recomputed in backward
+    with memory.saved_on_host(True, keep=(cos, sin)):  # what a block saves waits in host memory for its backward
+        y = block(x, cos, sin)
+
+Where the memory goes at long context (Llama-3.1-8B, bf16, per token): a block's input 8 KiB (what full
+checkpointing keeps, per layer), its MLP's intermediates 112 KiB (gate, silu(gate), up, their product: 4 x
+14336 x 2 bytes), the rest of the block 92 KiB. So the MLP is more than half of what a block holds in its
+backward, and tiling it leaves one tile's share; offloading moves the 8 KiB x 32 layers to the host.
+"""
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+# ---- selective checkpointing: keep what the fused attention kernels return -----------------------------
+
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    """The selective policy: save what the fused attention kernels return, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# ---- the tiled MLP ------------------------------------------------------------------------------------
+
+def tiled_mlp(fn, x, tile, params):
+    """fn(x) for x (B, T, C), `tile` positions at a time; fn is the MLP (position-wise, so tiles are
+    independent) and `params` its parameters. Only x is kept for backward: each tile's intermediates
+    (B, tile, I) exist for one tile at a time, in forward and again in backward (ALST's TiledMLP). Without
+    gradients, or for a sequence of one tile, it is fn(x)."""
+    if not (torch.is_grad_enabled() and x.size(1) > tile):
+        return fn(x)
+    return TiledMLP.apply(fn, tile, x, *params)
+
+
+class TiledMLP(torch.autograd.Function):
+    """The MLP over tiles of the sequence, each tile recomputed in backward: its gradient is that of the
+    plain MLP, the parameters' summed over the tiles in fp32 (the plain MLP sums over positions inside one
+    matmul: equal up to the order of the sum)."""
+
+    @staticmethod
+    def forward(ctx, fn, tile, x, *params):
+        ctx.fn, ctx.tile, ctx.autocast = fn, tile, autocast_state(x.device.type)
+        ctx.save_for_backward(x, *params)
+        out = None
+        for s in range(0, x.size(1), tile):
+            y = fn(x[:, s:s + tile])                     # (B, tile, C)
+            if out is None:
+                out = y.new_empty(x.shape[:2] + y.shape[2:])
+            out[:, s:s + tile] = y
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        dx = torch.empty_like(x) if need[0] else None
+        sums = [torch.zeros_like(p, dtype=torch.float32) if n else None for p, n in zip(params, need[1:])]
+        for s in range(0, x.size(1), ctx.tile):
+            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
+                xt = x[:, s:s + ctx.tile].detach().requires_grad_(need[0])
+                y = ctx.fn(xt)                           # this tile's intermediates, again
+            wrt = [t for t, n in zip([xt, *params], need) if n]
+            grads = iter(torch.autograd.grad(y, wrt, dy[:, s:s + ctx.tile]))
+            if need[0]:
+                dx[:, s:s + ctx.tile] = next(grads)
+            for acc in sums:
+                if acc is not None:
+                    acc += next(grads)
+        return (None, None, dx, *(None if a is None else a.to(p.dtype) for a, p in zip(sums, params)))
+
+
+def autocast_state(device_type):
+    """The autocast in force, to recompute under the same in backward (which runs outside it)."""
+    return dict(enabled=torch.is_autocast_enabled(device_type), dtype=torch.get_autocast_dtype(device_type))
+
+
+# ---- checkpoints offloaded to host memory -------------------------------------------------------------
+
+_side_stream = {}  # device -> the CUDA stream the copies to the host run on, beside the compute
+
+
+@contextmanager
+def saved_on_host(enabled, keep=()):
+    """While a checkpointed block runs its forward: what autograd saves for its backward goes to host
+    memory, and comes back when the backward unpacks it. Under full checkpointing that is the block's input
+    alone (torch's non-reentrant checkpoint saves its inputs as saved tensors, which these hooks see).
+    `keep`: tensors left where they are (the RoPE tables, shared by every block). On CUDA the host buffer
+    is pinned and the copy out runs on a side stream, beside the next blocks' forward; on a CPU it is a
+    copy into a second buffer (nothing saved: the same path, for the tests)."""
+    if not (enabled and torch.is_grad_enabled()):
+        yield
+        return
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+    with torch.autograd.graph.saved_tensors_hooks(partial(to_host, kept), from_host):
+        yield
+
+
+def to_host(kept, t):
+    """The pack hook: t's data in a host buffer (returned with the device to bring it back to)."""
+    if t.untyped_storage().data_ptr() in kept:
+        return t
+    cuda = t.device.type == "cuda"
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+    if not cuda:
+        return t.device, host.copy_(t)
+    stream = _side_stream.setdefault(t.device, torch.cuda.Stream(t.device))
+    stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # the allocator reuses t's memory only once the copy is done
+    return t.device, host
+
+
+def from_host(packed):
+    """The unpack hook, in the block's backward: the saved tensor on its device again."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_side_stream[device])  # the copy out is done
+    return host.to(device, non_blocking=True)

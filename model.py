@@ -283,7 +283,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:  # self.offload: what a block keeps for backward waits in host memory
-            with memory.saved_on_host(self.offload, keep=(cos, sin)):
+            with memory.saved_on_host(self.offload, x):
                 x = layer(x, cos, sin, cache, pos)
         return self.model.norm(x)
 

@@ -6,7 +6,7 @@ checks what they keep against plan.py's formulas).
 
     from support import memory
     y = memory.tiled_mlp(mlp.swiglu, x, tile, mlp.parameters())  # (B, T, C): tile by tile, recomputed in backward
-    with memory.saved_on_host(True, keep=(cos, sin)):  # what a block saves waits in host memory for its backward
+    with memory.saved_on_host(True, x):  # what a block saves of x's positions waits in host memory
         y = block(x, cos, sin)
 
 Where the memory goes at long context (Llama-3.1-8B, bf16, per token): a block's input 8 KiB (what full
@@ -94,24 +94,23 @@ _side_stream = {}  # device -> the CUDA stream the copies to the host run on, be
 
 
 @contextmanager
-def saved_on_host(enabled, keep=()):
-    """While a checkpointed block runs its forward: what autograd saves for its backward goes to host
-    memory, and comes back when the backward unpacks it. Under full checkpointing that is the block's input
-    alone (torch's non-reentrant checkpoint saves its inputs as saved tensors, which these hooks see).
-    `keep`: tensors left where they are (the RoPE tables, shared by every block). On CUDA the host buffer
-    is pinned and the copy out runs on a side stream, beside the next blocks' forward; on a CPU it is a
-    copy into a second buffer (nothing saved: the same path, for the tests)."""
+def saved_on_host(enabled, x):
+    """While a checkpointed block runs its forward on x (B, T, C): the activations autograd saves for its
+    backward (tensors of x's B x T positions) go to host memory, and come back when the backward unpacks
+    them; weights and the RoPE tables stay. Under full checkpointing that is the block's input alone
+    (torch's non-reentrant checkpoint saves its inputs as saved tensors, which these hooks see). On CUDA
+    the host buffer is pinned and the copy out runs on a side stream, beside the next blocks' forward; on
+    a CPU it is a copy into a second buffer (nothing saved: the same path, for the tests)."""
     if not (enabled and torch.is_grad_enabled()):
         yield
         return
-    kept = {t.untyped_storage().data_ptr() for t in keep}
-    with torch.autograd.graph.saved_tensors_hooks(partial(to_host, kept), from_host):
+    with torch.autograd.graph.saved_tensors_hooks(partial(to_host, x.shape[:2]), from_host):
         yield
 
 
-def to_host(kept, t):
-    """The pack hook: t's data in a host buffer (returned with the device to bring it back to)."""
-    if t.untyped_storage().data_ptr() in kept:
+def to_host(positions, t):
+    """The pack hook: an activation's data in a host buffer (returned with the device to bring it back to)."""
+    if isinstance(t, torch.nn.Parameter) or t.dim() < 2 or t.shape[:2] != positions:
         return t
     cuda = t.device.type == "cuda"
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)

@@ -199,7 +199,7 @@ class Plan:
     def switches(self):
         """The memory switches in force, as train.py's flags."""
         return [flag for flag, on in (("--tile-mlp", self.tile_mlp), (f"--cp {self.cp}", self.cp > 1),
-                                      ("--offload-checkpoints", self.offloaded), ("--cpu-offload", self.host_state)) if on]
+                                      ("--offload-checkpoints", self.offload and self.mode == "full"), ("--cpu-offload", self.host_state)) if on]
 
     def text(self):
         """The plan, as the lines a user reads before committing a cluster to it."""

@@ -15,6 +15,7 @@ checkpointing keeps, per layer), its MLP's intermediates 112 KiB (gate, silu(gat
 backward, and tiling it leaves one tile's share; offloading moves the 8 KiB x 32 layers to the host.
 """
 
+import weakref
 from contextlib import contextmanager
 from functools import partial
 
@@ -90,7 +91,19 @@ def autocast_state(device_type):
 
 # ---- checkpoints offloaded to host memory -------------------------------------------------------------
 
-_side_stream = {}  # device -> the CUDA stream the copies to the host run on, beside the compute
+_side_stream = {}  # device -> the CUDA stream the copies to and from the host run on, beside the compute
+_last = {}         # device -> the activation moved out last (a weak reference): the one before the next
+
+
+class Offloaded:
+    """An activation in host memory: the device it goes back to, and the one moved out before it (the next
+    to come back: backward runs the blocks in reverse), whose copy in starts when this one is unpacked."""
+    __slots__ = ("device", "host", "before", "back", "ready", "__weakref__")
+
+    def __init__(self, device, host):
+        self.device, self.host, self.back, self.ready = device, host, None, None
+        self.before = _last.get(device)
+        _last[device] = weakref.ref(self)
 
 
 @contextmanager
@@ -99,8 +112,9 @@ def saved_on_host(enabled, x):
     backward (tensors of x's B x T positions) go to host memory, and come back when the backward unpacks
     them; weights and the RoPE tables stay. Under full checkpointing that is the block's input alone
     (torch's non-reentrant checkpoint saves its inputs as saved tensors, which these hooks see). On CUDA
-    the host buffer is pinned and the copy out runs on a side stream, beside the next blocks' forward; on
-    a CPU it is a copy into a second buffer (nothing saved: the same path, for the tests)."""
+    the host buffer is pinned and the copies run on a side stream, beside the compute: out during the next
+    blocks' forward, in during the backward of the block after (one block ahead). On a CPU it is a copy
+    into a second buffer, unpacked as it is (nothing saved: the same path, for the tests)."""
     if not (enabled and torch.is_grad_enabled()):
         yield
         return
@@ -109,26 +123,43 @@ def saved_on_host(enabled, x):
 
 
 def to_host(positions, t):
-    """The pack hook: an activation's data in a host buffer (returned with the device to bring it back to)."""
+    """The pack hook: an activation's data in a host buffer (an Offloaded); anything else as it is."""
     if isinstance(t, torch.nn.Parameter) or t.dim() < 2 or t.shape[:2] != positions:
         return t
     cuda = t.device.type == "cuda"
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
     if not cuda:
-        return t.device, host.copy_(t)
+        return Offloaded(t.device, host.copy_(t))
     stream = _side_stream.setdefault(t.device, torch.cuda.Stream(t.device))
     stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written
     with torch.cuda.stream(stream):
         host.copy_(t, non_blocking=True)
     t.record_stream(stream)  # the allocator reuses t's memory only once the copy is done
-    return t.device, host
+    return Offloaded(t.device, host)
 
 
 def from_host(packed):
-    """The unpack hook, in the block's backward: the saved tensor on its device again."""
-    if isinstance(packed, torch.Tensor):
+    """The unpack hook, in the block's backward: the saved tensor on its device again (copied in already,
+    or now), and the copy in of the one before it started."""
+    if not isinstance(packed, Offloaded):
         return packed
-    device, host = packed
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).wait_stream(_side_stream[device])  # the copy out is done
-    return host.to(device, non_blocking=True)
+    if packed.device.type != "cuda":
+        return packed.host
+    if packed.back is None:
+        copy_in(packed)
+    current = torch.cuda.current_stream(packed.device)
+    current.wait_event(packed.ready)
+    t, packed.back = packed.back, None
+    t.record_stream(current)  # made on the side stream, used on this one
+    before = packed.before() if packed.before else None
+    if before is not None and before.back is None:
+        copy_in(before)
+    return t
+
+
+def copy_in(packed):
+    """Start the copy of a saved activation back to its device, on the side stream (after its copy out)."""
+    stream = _side_stream[packed.device]
+    with torch.cuda.stream(stream):
+        packed.back = packed.host.to(packed.device, non_blocking=True)
+        packed.ready = stream.record_event()

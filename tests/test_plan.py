@@ -115,10 +115,10 @@ def test_offloaded_checkpoints_are_what_the_plan_puts_on_the_host(dtype, monkeyp
 
     def spy(positions, t):
         packed = to_host(positions, t)
-        if isinstance(packed, torch.Tensor):
-            device[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if isinstance(packed, memory.Offloaded):
+            host.append(packed.host.untyped_storage().nbytes())
         else:
-            host.append(packed[1].untyped_storage().nbytes())
+            device[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return packed
 
     to_host = memory.to_host

@@ -15,7 +15,8 @@ model (forward, chunked loss, activation checkpointing, generation with a KV cac
 RoPE exact), loading and saving; then the KV cache. Module names are the Hugging Face ones
 (model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict. Beside it: rope.py
 (rotary embeddings, every way to scale them); support/ hf_config.py (config.json, the families),
-checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
+checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths), memory.py (the tiled MLP,
+checkpoints in host memory: memory for time at long context).
 """
 
 import math

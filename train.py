@@ -6,6 +6,8 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python train.py --init Llama-2-7b-hf --yarn-scale 16 --dry-run --gpus 8 --gpu-memory 80
     # the paper: Llama 2 7B, YaRN s=16 over its L=4096, 400 steps of 64 sequences of s*L = 64k tokens
     torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --out out/yarn16
+    # past 64k, memory for time: a refused plan names the cheapest switches that fit (README: "Longer than 64k")
+    torchrun --nproc_per_node 8 train.py --init Llama-3.1-8B --data data/pg19 --seq-len 131072 --tile-mlp --offload-checkpoints --out out/128k
     # s=32 starts from the s=16 model and still trains at 64k, half of s*L: the model extrapolates
     torchrun --nproc_per_node 8 train.py --init out/yarn16 --data data/pg19 --yarn-scale 32 --seq-len 65536 --steps 200 --out out/yarn32
     # any other method under the same training, to compare them (linear = PI, ntk, ntk-by-parts, ...)

@@ -274,7 +274,7 @@ class Plan:
         PCIe beside the compute before the optimizer's step on the host)."""
         steps, now = [], {}
         for change in ([dict(mode="full"), dict(tile_mlp=True)]
-                       + [dict(cp=c) for c in (2, 4, 8, 16, 32, 64) if c <= self.largest_cp(self.seq_len)]
+                       + [dict(cp=c) for c in (2, 4, 8, 16, 32, 64) if self.cp < c <= self.largest_cp(self.seq_len)]
                        + ([dict(offload=True), dict(cpu_offload=True)] if self.device == "GPU" else [])):
             now = {**now, **change}
             steps.append(now)

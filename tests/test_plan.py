@@ -291,6 +291,41 @@ def test_qwen3_8b_at_128k_fits_8_gpus_of_80_gib(tmp_path):
     fits_with(args, hinted(r.stderr))
 
 
+def settings_of(flags):
+    """The Plan fields a hint's flags set."""
+    out, i = {}, 0
+    while i < len(flags):
+        flag = flags[i]
+        if flag in ("--cp", "--seq-len", "--activation-checkpointing"):
+            value = flags[i + 1]
+            out[{"--cp": "cp", "--seq-len": "seq_len", "--activation-checkpointing": "mode"}[flag]] = \
+                value if flag == "--activation-checkpointing" else int(value)
+            i += 2
+        else:
+            out[{"--tile-mlp": "tile_mlp", "--offload-checkpoints": "offload", "--cpu-offload": "cpu_offload"}[flag]] = True
+            i += 1
+    return out
+
+
+@pytest.mark.parametrize("seq_len, gpus, memory", [(131072, 8, 80), (1048576, 8, 80), (131072, 1, 80), (262144, 1, 80),
+                                                   (65536, 8, 20), (4194304, 8, 80)])
+def test_a_hint_fits_and_has_no_switch_to_spare(seq_len, gpus, memory):
+    """Whatever a refusal names fits, and without any one of its switches (or with half its --cp) it would
+    not: the fewest switches, not merely some that fit."""
+    cfg = LlamaConfig.from_hf(LLAMA_31_8B)
+    plan = Plan(cfg, seq_len, "selective", 8, 10, micro_batch=1, gpus=gpus, memory=memory * GIB)
+    assert not plan.fits
+    hint = plan.hint()
+    settings = settings_of(hint.split(" fits (")[0].split())
+    assert replace(plan, **settings).fits, hint
+    for key, value in settings.items():
+        if key == "seq_len":
+            continue
+        fewer = {**settings, key: value // 2 if key == "cp" else getattr(plan, key)}
+        if key != "cp" or value // 2 > plan.cp:
+            assert not replace(plan, **fewer).fits, (hint, key)
+
+
 def test_gpus_without_memory_needs_it(llama_7b):
     r = dry_run("--init", llama_7b, "--yarn-scale", "16", "--gpus", "8")
     assert r.returncode == 2 and "--gpu-memory" in r.stderr and r.stderr.count("\n") == 1

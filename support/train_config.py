@@ -229,7 +229,6 @@ def check_flags(tc):
     save_interval(tc)
     finite("log_seconds", 0)
     finite("gpu_memory", 0, above=True)
-    finite("host_memory", 0, above=True)
     finite("mfu", 0, above=True)
     if tc.mfu > 1:
         raise UserError(f"--mfu is a fraction of the GPU's peak, at most 1, got {tc.mfu}")
@@ -248,14 +247,20 @@ def check_flags(tc):
     if (tc.gpus is not None or tc.gpu_memory is not None or tc.host_memory is not None) and not tc.dry_run:
         raise UserError("--gpus, --gpu-memory and --host-memory plan a run elsewhere: give them with --dry-run (a real "
                         "run plans for the machine it has)")
-    if tc.offload_checkpoints and tc.activation_checkpointing not in (None, "full"):
-        raise UserError(f"--offload-checkpoints moves what full checkpointing keeps to the host: it needs "
-                        f"--activation-checkpointing full, not {tc.activation_checkpointing}")
+    check_memory_flags(tc)
     if tc.dtype == "fp16":
         raise UserError("--dtype fp16: training in fp16 needs loss scaling, which train.py does not do: use bf16 "
                         "(the paper's), or fp32")
     if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+
+
+def check_memory_flags(tc):
+    if tc.host_memory is not None and not (math.isfinite(tc.host_memory) and tc.host_memory > 0):
+        raise UserError(f"--host-memory must be a finite number > 0, got {tc.host_memory}")
+    if tc.offload_checkpoints and tc.activation_checkpointing not in (None, "full"):
+        raise UserError(f"--offload-checkpoints moves what full checkpointing keeps to the host: it needs "
+                        f"--activation-checkpointing full, not {tc.activation_checkpointing}")
 
 
 def resolve(tc, hf, world):

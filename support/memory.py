@@ -1,7 +1,7 @@
 """
 What model.py calls to trade time for memory at long context, kept beside the lesson: the selective
 checkpointing policy, the MLP over tiles of the sequence, and the block inputs kept in host memory.
-Each gives the gradients of the plain model (tests/test_model.py checks them against it; tests/test_plan.py
+Each gives the gradients of the plain model (tests/test_memory.py checks them against it; tests/test_plan.py
 checks what they keep against plan.py's formulas).
 
     from support import memory

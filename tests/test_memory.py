@@ -34,13 +34,13 @@ def loss_and_grads(mode, tile_mlp=False, offload=False, dtype=torch.float32, T=2
 
 @pytest.fixture
 def moved(monkeypatch):
-    """The tensors the offload hooks copied to the host, as (the device tensor, its host copy)."""
+    """The tensors the offload hooks copied to the host, as (the device tensor, its Offloaded)."""
     seen = []
 
     def spy(positions, t):
         packed = to_host(positions, t)
         if isinstance(packed, memory.Offloaded):
-            seen.append((t, packed.host))
+            seen.append((t, packed))
         return packed
 
     to_host = memory.to_host
@@ -89,7 +89,9 @@ def test_offloaded_checkpoints_are_bitwise_full_checkpointing(dtype, moved):
     assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
     # what went to the host: each block's input (B, T, C), one per layer, nothing else (no weight, no RoPE table)
     assert [tuple(t.shape) for t, _ in moved] == [(2, 200, 64)] * 2
-    assert all(host.device.type == "cpu" and torch.equal(host, t) for t, host in moved)
+    assert all(p.host.device.type == "cpu" and torch.equal(p.host, t) for t, p in moved)
+    # each links to the one moved out before it: the next to come back in backward, copied in ahead on CUDA
+    assert moved[1][1].before() is moved[0][1]
 
 
 def test_offload_only_under_full_checkpointing(moved):

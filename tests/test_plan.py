@@ -137,6 +137,23 @@ def test_offloaded_checkpoints_are_what_the_plan_puts_on_the_host(dtype, monkeyp
     assert saved_bytes(model, torch.randint(0, 256, (1, 512))) - device_saved == sum(host) + sum(device.values())
 
 
+def test_the_sharded_state_is_what_adamw_holds():
+    """16 bytes a parameter (fp32 weight, gradient, two AdamW moments), counted on a real optimizer step:
+    what the plan shards over the GPUs, and puts in host memory with --cpu-offload."""
+    cfg = small()
+    model = Llama(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 256, (1, 64)), torch.randint(0, 256, (1, 64))).backward()
+    optimizer.step()
+    held = sum(p.nbytes + p.grad.nbytes for p in model.parameters())
+    held += sum(v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim() > 0)
+    on_gpu = Plan(cfg, 64, "full", 8, 10, micro_batch=1, gpus=2, memory=None)
+    assert held == 2 * sum(v for k, v in on_gpu.parts.items() if "sharded" in k)
+    on_host = Plan(cfg, 64, "full", 8, 10, micro_batch=1, gpus=2, memory=None, cpu_offload=True)
+    assert held == on_host.host_parts["fp32 weights, gradients, AdamW (--cpu-offload)"]  # both ranks of the node
+    assert not any("sharded" in k for k in on_host.parts)
+
+
 def test_context_parallelism_divides_the_activations_not_the_tokens():
     cfg = small()
     one, four = (Plan(cfg, 4096, "full", 8, 10, micro_batch=1, gpus=8, memory=None, cp=cp) for cp in (1, 4))

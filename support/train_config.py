@@ -79,7 +79,7 @@ class TrainConfig:
                                            "their backward (copies over PCIe beside the compute; implies "
                                            "--activation-checkpointing full)")
     cpu_offload: bool = arg(False, "FSDP2's CPUOffloadPolicy: fp32 weights, gradients and AdamW in host memory, "
-                                   "the optimizer step on the CPU (an 8B on one 80 GiB GPU); on CUDA only")
+                                   "the optimizer step on the CPU (an 8B on one 80 GiB GPU); on a CPU, a note and no change")
     # checkpoints and logging
     save_every: str = arg("100", "write a resumable checkpoint every N steps, or every N minutes with Nm (30m) or "
                                  "hours with Nh; 0: never (SIGTERM still writes one)", str)

@@ -31,7 +31,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
-from support import checkpoint as hf_files, fastpaths, hf_config, memory  # beside the lesson: files, config.json, fast paths, memory
+from support import checkpoint as hf_files, fastpaths, hf_config, memory  # the guards and savers beside the lesson
 
 Linear = fastpaths.Linear  # nn.Linear, with a faster path for one row on a CPU
 
@@ -186,7 +186,7 @@ class Block(nn.Module):
             return self._forward(x, cos, sin, cache, pos)
         if self.checkpointing == "full":
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        policy = partial(create_selective_checkpoint_contexts, memory.keep_attention)  # a partial made here: what dynamo takes
+        policy = partial(create_selective_checkpoint_contexts, memory.keep_attention)  # made here: what dynamo takes
         return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
 
     def _forward(self, x, cos, sin, cache=None, pos=0):

@@ -138,7 +138,8 @@ class Plan:
             "gradients (fp32, sharded)": 4 * P / N,
             "AdamW moments (fp32, sharded)": 8 * P / N}
         self.parts |= {
-            f"gathered weights ({'bf16' if b == 2 else 'fp32'}: 2 blocks, embeddings, head{'; shards' * self.host_state})":
+            f"gathered weights ({'bf16' if b == 2 else 'fp32'}: 2 blocks, embeddings, head"
+            f"{'; shards' * self.host_state})":
                 self.gathered_bytes(b, P_block, P_root),
             f"activations kept for backward ({self.mode}{'; 2 on the GPU' if self.offloaded else ''})":
                 2 * b * Tl * C if self.offloaded else kept,
@@ -199,7 +200,8 @@ class Plan:
     def switches(self):
         """The memory switches in force, as train.py's flags."""
         return [flag for flag, on in (("--tile-mlp", self.tile_mlp), (f"--cp {self.cp}", self.cp > 1),
-                                      ("--offload-checkpoints", self.offload and self.mode == "full"), ("--cpu-offload", self.host_state)) if on]
+                                      ("--offload-checkpoints", self.offload and self.mode == "full"),
+                                      ("--cpu-offload", self.host_state)) if on]
 
     def text(self):
         """The plan, as the lines a user reads before committing a cluster to it."""

@@ -13,9 +13,9 @@ Face checkpoints.
 What this file teaches: the Llama decoder, read bottom-up: config, RMSNorm, attention, MLP, block, the
 model (forward, chunked loss, activation checkpointing, generation with a KV cache that keeps dynamic
 RoPE exact), loading and saving; then the KV cache. Module names are the Hugging Face ones
-(model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict. Beside it: rope.py
-(rotary embeddings, every way to scale them); in support/: hf_config.py (config.json, the families),
-checkpoint.py (the files), fastpaths.py (the chunked loss, the CPU fast paths).
+(model.layers.0.self_attn.q_proj, ...), so a checkpoint is a plain load_state_dict. Beside it: rope.py,
+context_parallel.py (--cp); in support/: hf_config.py (config.json, families), checkpoint.py (the files),
+fastpaths.py (chunked loss, CPU paths), memory.py (tiled MLP, checkpoints in host memory).
 """
 
 import math
@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from context_parallel import attention as cp_attention, positions as cp_positions
 from rope import RopeConfig, apply_rope, inv_freq_and_attention_factor, rope_cos_sin
-from support import checkpoint as hf_files, fastpaths, hf_config  # the guards beside the lesson: files, config.json, CPU fast paths
+from support import checkpoint as hf_files, fastpaths, hf_config, memory  # the guards and savers beside the lesson
 
 Linear = fastpaths.Linear  # nn.Linear, with a faster path for one row on a CPU
 
@@ -151,8 +151,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
         self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
         self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
+        self.tile = 0  # > 0: in training, `tile` positions at a time, each tile recomputed in backward (memory.py)
 
     def forward(self, x):
+        return memory.tiled_mlp(self.swiglu, x, self.tile, self.parameters()) if self.tile else self.swiglu(x)
+
+    def swiglu(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -165,15 +169,6 @@ class MLP(nn.Module):
 # bf16 tensor (0.5 GiB), where the matmul outputs take 5 GiB per layer (q, k, v, o: 4 x 0.5; gate, up: 2 x 1.3;
 # down 0.5). So selective keeps 57% of the work for 0.5 GiB. A run's memory: support/plan.py (--dry-run).
 CHECKPOINTING = ("none", "full", "selective")
-ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)}
-
-
-def keep_attention(ctx, op, *args, **kwargs):
-    """The selective policy: save what the fused attention kernels return, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class Block(nn.Module):
@@ -192,7 +187,7 @@ class Block(nn.Module):
             return self._forward(x, cos, sin, cache, pos)
         if self.checkpointing == "full":
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        policy = partial(create_selective_checkpoint_contexts, keep_attention)  # a partial made here: what dynamo takes
+        policy = partial(create_selective_checkpoint_contexts, memory.keep_attention)  # made here: what dynamo takes
         return checkpoint(self._forward, x, cos, sin, use_reentrant=False, context_fn=policy)
 
     def _forward(self, x, cos, sin, cache=None, pos=0):
@@ -213,6 +208,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache = None                    # set up by setup_cache()
+        self.offload = False                 # block inputs in host memory (set_activation_checkpointing)
         self._rope_tables = {}               # (rope_len, device) -> (inv_freq, attention factor)
         self.context_parallel = None         # context_parallel.py's enable(): idx is this rank's part of a sequence
 
@@ -230,12 +226,15 @@ class Llama(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def set_activation_checkpointing(self, mode):
-        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward."""
+    def set_activation_checkpointing(self, mode, tile_mlp=False, offload=False):
+        """none, full or selective (see CHECKPOINTING above): what each block keeps for backward; and two trades
+        of time for memory (support/memory.py): the MLP over tiles of C positions, each recomputed in backward
+        (+1 MLP forward), and, under full checkpointing, each block's kept input in host memory."""
         if mode not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
         for block in self.model.layers:
-            block.checkpointing = mode
+            block.checkpointing, block.mlp.tile = mode, self.config.hidden_size if tile_mlp else 0
+        self.offload = offload and mode == "full"
 
     # ---- rotary tables ----------------------------------------------------------------------------
 
@@ -286,8 +285,9 @@ class Llama(nn.Module):
         positions = pos + torch.arange(T, device=idx.device) if cp is None else cp_positions(cp, idx.device)
         cos, sin = rope_cos_sin(inv_freq, positions, a)  # (T, D/2) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, pos)
+        for layer in self.model.layers:  # self.offload: what a block keeps for backward waits in host memory
+            with memory.saved_on_host(self.offload, x):
+                x = layer(x, cos, sin, cache, pos)
         return self.model.norm(x)
 
     # ---- KV cache for generation ------------------------------------------------------------------
@@ -401,7 +401,7 @@ class Llama(nn.Module):
         """config.json, the weights as safetensors (sharded above max_shard_bytes) and `extra_files` (the
         tokenizer), staged aside and swapped in whole (support/checkpoint.py): a crash never half-writes one."""
         cfg = self.config
-        hf_config.export_note(cfg)  # dynamic-yarn: what other tools will read
+        hf_config.export_note(cfg)  # what other tools will make of this method
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype

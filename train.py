@@ -6,6 +6,8 @@ paper's recipe; or pretrain a small Llama from nothing. One CPU, or many GPUs wi
     python train.py --init Llama-2-7b-hf --yarn-scale 16 --dry-run --gpus 8 --gpu-memory 80
     # the paper: Llama 2 7B, YaRN s=16 over its L=4096, 400 steps of 64 sequences of s*L = 64k tokens
     torchrun --nproc_per_node 8 train.py --init Llama-2-7b-hf --data data/pg19 --yarn-scale 16 --out out/yarn16
+    # past 64k, memory for time: a refused plan names the cheapest switches that fit (README: "Longer than 64k")
+    torchrun --nproc_per_node 8 train.py --init Llama-3.1-8B --data data/pg19 --seq-len 131072 --tile-mlp --offload-checkpoints --out out/128k
     # s=32 starts from the s=16 model and still trains at 64k, half of s*L: the model extrapolates
     torchrun --nproc_per_node 8 train.py --init out/yarn16 --data data/pg19 --yarn-scale 32 --seq-len 65536 --steps 200 --out out/yarn32
     # any other method under the same training, to compare them (linear = PI, ntk, ntk-by-parts, ...)
@@ -64,7 +66,7 @@ def build_model(mcfg, tc, env):
     with torch.device("meta"):
         model = Llama(mcfg)
     shapes = model.shapes()
-    model.set_activation_checkpointing(tc.activation_checkpointing)
+    model.set_activation_checkpointing(tc.activation_checkpointing, tc.tile_mlp, tc.offload_checkpoints)
     if tc.compile:
         for block in model.model.layers:
             block.compile()
@@ -72,17 +74,21 @@ def build_model(mcfg, tc, env):
     #    bf16 compute on fp32 master weights, gradients reduced in fp32. On one GPU too (a mesh of one):
     #    the bf16 copy of each block's weights then lives only while the block runs, where autocast
     #    would keep a bf16 copy of every weight for the whole step
+    #    --cpu-offload: the shards (weights, gradients, so AdamW's state too) live in host memory, each
+    #    block's copied in to be gathered and its gradients copied out (FSDP2's CPUOffloadPolicy)
+    host = tc.cpu_offload and env.device.type == "cuda"
     if env.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         mesh = init_device_mesh(env.device.type, (env.world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.bf16 \
             else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy() if host else OffloadPolicy()
         for block in model.model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-    # 3) real storage: each rank allocates only its shards
-    model.to_empty(device=env.device)
+            fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # 3) real storage: each rank allocates only its shards (in host memory with --cpu-offload)
+    model.to_empty(device="cpu" if host else env.device)
     if mcfg.tie_word_embeddings and not env.fsdp:  # to_empty made two tensors of the tied one
         model.lm_head.weight = model.model.embed_tokens.weight
     # 4) the weights: a checkpoint's, streamed in, or a fresh init made the same way on any world size
@@ -105,8 +111,8 @@ def fill_weights(model, named_tensors):
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # the embedding
         dst = params[name]
-        if isinstance(dst, DTensor):
-            t = distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None)
+        if isinstance(dst, DTensor):  # this rank's slice (of a tensor on the mesh's device: to_local() copies across)
+            dst, t = dst.to_local(), distribute_tensor(t, dst.device_mesh, dst.placements, src_data_rank=None).to_local()
         dst.copy_(t)
 
 
@@ -304,8 +310,9 @@ def run(argv, cleanup):
     rundir.claim(tc, env, cleanup)                          #    and --out, locked for this run
     model = allocate(mcfg, tc, env)                         # 5) model, optimizer, data
     context_parallel.enable(model, cp)
+    on_gpu = env.device.type == "cuda" and not tc.cpu_offload  # where AdamW's state and step are
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay,
-                                  fused=env.device.type == "cuda", foreach=None if env.device.type == "cuda" else True)
+                                  fused=on_gpu, foreach=None if on_gpu else True)
     data = PackedData(tc.data, "train"), PackedData(tc.data, "val")
     start = rundir.resume(model, optimizer, tc, env)
     if env.master:

@@ -149,6 +149,13 @@ KNOWN_CONTEXTS = [
 ]
 
 
+def export_note(cfg):
+    """A note on stderr when the exported config.json cannot say what the model was trained with."""
+    if cfg.rope.method == "dynamic-yarn":
+        print(f"note: dynamic-yarn has no rope type in transformers, vLLM or llama.cpp; config.json declares static "
+              f"yarn at factor {cfg.rope.factor} (with our 'dynamic' marker), which those tools will use", file=sys.stderr)
+
+
 def pretraining_context(hf, rope):
     """(L, note) for a checkpoint (config.json dict `hf`, its RopeConfig `rope`) whose RoPE a new method is
     to replace: L is the context it was pretrained at. A config whose RoPE is scaled says L itself

@@ -74,6 +74,14 @@ class TrainConfig:
                      "sequences too long for one GPU's activations; the processes are data-parallel x N")
     compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "
                                "left out of the reported speed)")
+    # memory for time, past 64k tokens (support/memory.py; the plan says what each costs)
+    tile_mlp: bool = arg(False, "the MLP over tiles of C positions in training, each tile's intermediates recomputed "
+                                "in backward (+1 MLP forward; the MLP is over half of what a block holds)")
+    offload_checkpoints: bool = arg(False, "full checkpointing's kept block inputs wait in pinned host memory for "
+                                           "their backward (copies over PCIe beside the compute; implies "
+                                           "--activation-checkpointing full)")
+    cpu_offload: bool = arg(False, "FSDP2's CPUOffloadPolicy: fp32 weights, gradients and AdamW in host memory, "
+                                   "the optimizer step on the CPU (an 8B on one 80 GiB GPU); on a CPU, a note and no change")
     # checkpoints and logging
     save_every: str = arg("100", "write a resumable checkpoint every N steps, or every N minutes with Nm (30m) or "
                                  "hours with Nh; 0: never (SIGTERM still writes one)", str)
@@ -90,6 +98,9 @@ class TrainConfig:
     gpus: int = arg(None, "with --dry-run: plan for this many GPUs (default: this run's processes)", int)
     gpu_memory: float = arg(None, "with --dry-run: plan for GPUs of this many GiB (default: this machine's GPU)",
                             float)
+    host_memory: float = arg(None, "with --dry-run: each node has this many GiB of host memory, checked against "
+                                   "what --cpu-offload and --offload-checkpoints put there (default: not checked)",
+                             float)
     mfu: float = arg(0.4, "the model FLOPs utilisation the plan's time estimate assumes")
     fit_check: bool = arg(True, "on CUDA, refuse a run whose plan does not fit the GPU (--no-fit-check: the plan is "
                                 "an estimate; run anyway)")
@@ -110,8 +121,9 @@ GROUPS = {
     "optimisation (the paper's recipe)": ("steps", "batch_size", "micro_batch", "lr", "lr_schedule", "warmup",
                                           "weight_decay", "grad_clip", "seed"),
     "engine": ("device", "dtype", "activation_checkpointing", "cp", "compile"),
+    "memory for time, past 64k tokens": ("tile_mlp", "offload_checkpoints", "cpu_offload"),
     "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
-    "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu", "fit_check"),
+    "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "host_memory", "mfu", "fit_check"),
     "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
                                                    "intermediate_size", "rope_theta"),
 }
@@ -144,6 +156,9 @@ def check(tc, env):
         check_writable(tc.out, "--out")
     hf = read_config(tc.init) if tc.init != "scratch" else None  # config.json, read once: handed down from here
     tc, mcfg, tok_files, notes = resolve(tc, hf, tc.gpus or env.world)
+    if tc.cpu_offload and env.device.type == "cpu" and tc.gpus is None and tc.gpu_memory is None:
+        notes.append("note: --cpu-offload is for GPUs: on a CPU the weights, gradients and AdamW are in host memory "
+                     "already; the run goes on without it")
     if not tc.dry_run:
         rundir.check_out(tc)
         rundir.check_resume(tc)
@@ -170,19 +185,30 @@ def run_plan(tc, mcfg, env, save_dtype):
     elif gpu:
         raise UserError("--gpus: give --gpu-memory GiB too (no GPU here to read it from)")
     else:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / env.world
+        memory = physical_memory() / env.world
     peak = peak_flops(torch.cuda.get_device_name(env.device) if cuda else "H100") if gpu else None
-    # TODO(#26): pass cp=tc.cp once plan.py takes it (activations divided by cp, gathered K/V: the other branch)
+    host = tc.host_memory * GIB if tc.host_memory else (physical_memory() if cuda else None)
     return Plan(mcfg, tc.seq_len, tc.activation_checkpointing, tc.batch_size, tc.steps, tc.micro_batch,
                 tc.gpus or env.world, memory, bf16=tc.dtype == "bf16" or (tc.dtype == "auto" and gpu), peak_flops=peak,
-                mfu=tc.mfu, device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize)
+                mfu=tc.mfu, device="GPU" if gpu else "CPU", export_itemsize=save_dtype.itemsize,
+                cp=tc.cp, tile_mlp=tc.tile_mlp, offload=tc.offload_checkpoints,
+                cpu_offload=tc.cpu_offload, host_memory=host,
+                gpus_per_node=8 if tc.gpus else int(os.environ.get("LOCAL_WORLD_SIZE", env.world)))
+
+
+def physical_memory():
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(plan):
-    if not plan.fits:
-        raise UserError(f"the plan needs {plan.total / GIB:.1f} GiB per {plan.device}, more than {FITS:.0%} of its "
-                        f"{plan.memory / GIB:.0f} GiB: {plan.hint()} (the plan is an estimate: --no-fit-check runs "
-                        "it anyway)")
+    if plan.fits:
+        return
+    if plan.memory is None or plan.total <= FITS * plan.memory:  # the host is what is short
+        need = f"{plan.host_total / GIB:.1f} GiB of host memory per node, more than {FITS:.0%} of its " \
+               f"{plan.host_memory / GIB:.0f} GiB"
+    else:
+        need = f"{plan.total / GIB:.1f} GiB per {plan.device}, more than {FITS:.0%} of its {plan.memory / GIB:.0f} GiB"
+    raise UserError(f"the plan needs {need}: {plan.hint()} (the plan is an estimate: --no-fit-check runs it anyway)")
 
 
 def check_flags(tc):
@@ -220,14 +246,23 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
-    if (tc.gpus is not None or tc.gpu_memory is not None) and not tc.dry_run:
-        raise UserError("--gpus and --gpu-memory plan a run elsewhere: give them with --dry-run (a real run plans for "
-                        "the GPUs it has)")
+    if (tc.gpus is not None or tc.gpu_memory is not None or tc.host_memory is not None) and not tc.dry_run:
+        raise UserError("--gpus, --gpu-memory and --host-memory plan a run elsewhere: give them with --dry-run (a real "
+                        "run plans for the machine it has)")
+    check_memory_flags(tc)
     if tc.dtype == "fp16":
         raise UserError("--dtype fp16: training in fp16 needs loss scaling, which train.py does not do: use bf16 "
                         "(the paper's), or fp32")
     if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+
+
+def check_memory_flags(tc):
+    if tc.host_memory is not None and not (math.isfinite(tc.host_memory) and tc.host_memory > 0):
+        raise UserError(f"--host-memory must be a finite number > 0, got {tc.host_memory}")
+    if tc.offload_checkpoints and tc.activation_checkpointing not in (None, "full"):
+        raise UserError(f"--offload-checkpoints moves what full checkpointing keeps to the host: it needs "
+                        f"--activation-checkpointing full, not {tc.activation_checkpointing}")
 
 
 def resolve(tc, hf, world):
@@ -260,8 +295,8 @@ def resolve(tc, hf, world):
     scratch = tc.init == "scratch"
     tc = replace(tc, lr=tc.lr if tc.lr is not None else (1e-3 if scratch else 2e-5),
                  lr_schedule=tc.lr_schedule or ("cosine" if scratch else "constant"),
-                 activation_checkpointing=tc.activation_checkpointing or
-                 ("selective" if tc.seq_len >= 2048 else "none"))
+                 activation_checkpointing=tc.activation_checkpointing or ("full" if tc.offload_checkpoints else
+                                                                          "selective" if tc.seq_len >= 2048 else "none"))
     for file in tok_files:
         check_side_file(file)
     return tc, mcfg, tok_files, notes

@@ -111,3 +111,69 @@ def test_131072_token_cache_and_compiled_decode_equals_eager():
         growing = m(runs[0][:, :1], pos=T, last_only=True)
     assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(first, growing, rtol=0, atol=0.05 * growing.abs().max().item())
+
+
+# ---- issue #26: the memory switches on the GPU --------------------------------------------------------
+
+def test_offloaded_checkpoints_go_to_pinned_host_memory_and_change_nothing(monkeypatch):
+    """Full checkpointing with each block's input in pinned host memory (copied out on a side stream): loss
+    and gradients bitwise those of full checkpointing, and the GPU's peak lower by about the inputs kept."""
+    from support import memory
+    moved = []
+
+    def spy(positions, t):
+        packed = to_host(positions, t)
+        if isinstance(packed, memory.Offloaded):
+            moved.append(packed.host)
+        return packed
+
+    to_host = memory.to_host
+    monkeypatch.setattr(memory, "to_host", spy)
+    m = gpu_model(layers=8).train()
+    idx = torch.randint(0, 512, (1, 32769), device="cuda")
+    results = {}
+    for offload in (False, True):
+        m.set_activation_checkpointing("full", offload=offload)
+        m.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        loss = m(idx[:, :-1], idx[:, 1:])
+        torch.cuda.synchronize()  # the copies out are done: the inputs' memory is free
+        after_forward = torch.cuda.memory_allocated()
+        loss.backward()
+        results[offload] = (loss.detach(), [p.grad.clone() for p in m.parameters()], after_forward)
+    assert len(moved) == 8 and all(h.device.type == "cpu" and h.is_pinned() for h in moved)
+    assert torch.equal(results[True][0], results[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    kept = 8 * 32768 * 256 * 2  # layers x T x C x bf16: what full checkpointing keeps, now on the host
+    assert results[False][2] - results[True][2] >= 0.5 * kept, (results[False][2], results[True][2], kept)
+
+
+def test_tiled_mlp_gradients_on_the_gpu():
+    m = gpu_model().train()
+    idx = torch.randint(0, 512, (1, 8193), device="cuda")
+    grads = {}
+    for tile in (False, True):
+        m.set_activation_checkpointing("full", tile_mlp=tile)
+        m.zero_grad(set_to_none=True)
+        loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads[tile] = (loss.item(), [p.grad.float() for p in m.parameters()])
+    assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-3)
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_one_process_train_step_with_every_memory_switch(work):  # noqa: F811
+    """train.py on one GPU with --tile-mlp --offload-checkpoints --cpu-offload (FSDP2's CPUOffloadPolicy:
+    the shards and AdamW on the host): the losses of the run without them, to bf16 rounding."""
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}  # run_train hides it
+    runs = {}
+    for name, extra in (("plain", []), ("switches", ["--tile-mlp", "--offload-checkpoints", "--cpu-offload"])):
+        out = work / f"cuda-{name}"
+        r = run_train(["--init", work / "ckpt", "--data", work / "data", "--out", out, *FINETUNE, "--steps", "3",
+                       "--save-every", "0", "--activation-checkpointing", "full", *extra], env=gpu)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(out / "metrics.jsonl") as f:
+            runs[name] = [json.loads(line)["loss"] for line in f]
+    assert runs["switches"] == pytest.approx(runs["plain"], abs=2e-2)

@@ -33,6 +33,7 @@ its lock, the resumable checkpoints), distributed.py (the process group), progre
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -234,7 +235,7 @@ def save(model, optimizer, tc, step, env, progress):
         rundir.save_state(model, optimizer, tc, step, env)
     except OSError as e:
         progress.bar.close()
-        raise UserError(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
+        raise UserError(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}; {rundir.kept(tc.out)}")
 
 
 # ---- 4) the Hugging Face checkpoint -----------------------------------------------------------------
@@ -259,7 +260,8 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
         widen_tokenizer_config(os.path.join(staged, "tokenizer_config.json"), mcfg.context_length)
         rundir.publish_export(tc.out)
     except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
-        raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; nothing exported; {rundir.kept(tc.out)}")
 
 
 # ---- main: check, claim --out, build, resume, train, export ------------------------------------------

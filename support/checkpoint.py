@@ -21,7 +21,7 @@ import shutil
 import torch
 
 from support.common import UserError
-from support.publish import new_dir, write_json
+from support.publish import new_dir, save_tensors, write_json
 
 
 class CheckpointError(UserError, ValueError):
@@ -145,7 +145,6 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     above max_shard_bytes, and copies of `extra_files` (a tokenizer), into a directory staged beside
     `path` and then swapped in (publish.new_dir): a crash never leaves a half-written checkpoint, and an
     existing one is only replaced by a complete one."""
-    from safetensors.torch import save_file
     shards, size = [[]], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -158,13 +157,13 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     check_replaceable(path)
     with new_dir(path) as tmp:
         if len(shards) == 1:
-            save_file({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
+            save_tensors({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
+                         metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, names in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+                save_tensors({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in names})
             total = sum(t.numel() * t.element_size() for t in state.values())
             write_json(os.path.join(tmp, "model.safetensors.index.json"),

@@ -15,8 +15,10 @@ within one directory are atomic on POSIX file systems; that is the whole trick.
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -46,6 +48,10 @@ def new_file(path, mode="w"):
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give the usual mode
         os.replace(tmp, path)
+    except OSError as e:  # a full disk in write() or flush() names no file: the one line names ours
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -55,6 +61,21 @@ def write_json(path, obj):
     with new_file(path) as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def save_tensors(tensors, path, metadata=None):
+    """safetensors' save_file, with its I/O errors as the OSError they are: a full disk is a SafetensorError
+    ("Error while serializing: I/O error: No space left on device (os error 28)"), which no `except OSError`
+    of a writer would see."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:
+        io = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(e).strip())
+        if type(e).__name__ != "SafetensorError" or not io:
+            raise
+        code = int(io.group(2)) if io.group(2) else errno.EIO
+        raise OSError(code, os.strerror(code) if io.group(2) else io.group(1), path) from None
 
 
 def copy_file(src, dst):

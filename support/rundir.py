@@ -15,9 +15,11 @@ for us, but its metadata is a pickle, and loading a pickle can run code.
 """
 
 import base64
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -30,7 +32,7 @@ from support import distributed
 from support.checkpoint import CHECKPOINT_FILE, CheckpointError
 from support.common import UserError
 from support.progress import METRICS
-from support.publish import move_into, new_file, publish_dir, remove_dir, stage_dir, write_json
+from support.publish import move_into, new_file, publish_dir, remove_dir, save_tensors, stage_dir, write_json
 
 EXPORT = ".export"  # the export, complete, before publish_export moves it into out
 STEP_DIR = re.compile(r"step-\d{6,}")  # what save_state names them, and nothing else
@@ -74,6 +76,23 @@ def claim(tc, env, cleanup):
         publish_export(tc.out)
         print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/{EXPORT}",
               file=sys.stderr)
+    cleanup.push(lambda kind, e, tb: full_disk(tc.out, e))
+
+
+def full_disk(out, e):
+    """A full disk (or quota) anywhere in the run, after --out is claimed: one line that says where the last
+    good checkpoint is, instead of the bare error (one_line_errors'). Anything else passes through."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"cannot write {e.filename or 'in ' + out}: {e.strerror}; {kept(out)}") from None
+
+
+def kept(out):
+    """What a run that failed leaves to continue from, in words: the last good checkpoint, or none."""
+    found = checkpoints(out)
+    if not found:
+        return "no resumable checkpoint was written"
+    return (f"the last good checkpoint is {found[-1]}: after freeing space, the same command with --resume "
+            f"continues from step {int(os.path.basename(found[-1])[5:])}")
 
 
 def lock_out(out):
@@ -175,15 +194,18 @@ def save_state(model, optimizer, tc, step, env):
     rank-R-of-W.safetensors, rank 0 the step (which is the data position and the schedule), the RNG of
     every rank and the run's flags to train_state.json. All of it into a staging directory that is renamed
     to checkpoints/step-N once complete (publish.py); the older ones go after."""
-    from safetensors.torch import save_file
     folder = os.path.join(tc.out, "checkpoints")
     tmp, final = os.path.join(folder, f".step-{step:06d}.tmp"), os.path.join(folder, f"step-{step:06d}")
     if env.master:
         stage_dir(tmp)
     distributed.barrier()
     tensors, _, _ = state_tensors(model, optimizer)
-    save_file({k: local(v) for k, v in tensors.items()},
-              os.path.join(tmp, f"rank-{env.rank:05d}-of-{env.world:05d}.safetensors"))
+    try:
+        save_tensors({k: local(v) for k, v in tensors.items()},
+                     os.path.join(tmp, f"rank-{env.rank:05d}-of-{env.world:05d}.safetensors"))
+    except OSError:  # a full disk: the half-written staging directory goes, the last good checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     rngs = gather_rng(env)
     distributed.barrier()  # every rank's file is written
     if env.master:

@@ -234,6 +234,9 @@ def gather_rng(env):
 
 RESUME_MUST_MATCH = ("init", "data", "seq_len", "batch_size", "rope", "rope_factor", "original_ctx", "seed", "lr",
                      "lr_schedule", "warmup", "weight_decay")
+# a scratch model's shape and RoPE come from flags too: the same weight shapes can be another model (4 heads of
+# 16 dims or 2 of 32), so every one of them must be the run's
+SCRATCH_MUST_MATCH = ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "rope_theta")
 
 
 def load_state(model, optimizer, tc, path, env):
@@ -267,7 +270,7 @@ def read_train_state(path, tc):
             raise ValueError("step and world must be non-negative integers")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"--resume: unreadable {path}/train_state.json ({e})") from None
-    for key in RESUME_MUST_MATCH:
+    for key in RESUME_MUST_MATCH + (SCRATCH_MUST_MATCH if tc.init == "scratch" else ()):
         if config.get(key) != getattr(tc, key):
             raise CheckpointError(f"--resume: --{key.replace('_', '-')} was {config.get(key)} in {path}, "
                                   f"now {getattr(tc, key)}")

@@ -95,3 +95,30 @@ def test_a_full_disk_under_report_out_names_the_file(env, tmp_path, capsys, monk
     err = one_line_exit_2("eval", ["report", str(run), "--out", str(tmp_path / "t.md")], capsys, after_progress=True)
     assert f"cannot write {tmp_path / 't.md'}: No space left on device" in err, err
     assert not (tmp_path / "t.md").exists()
+
+
+# ---- 2. --resume: every flag that shapes the model or its RoPE is the run's -----------------------------------
+
+RESHAPED = {  # flag: (the run's value, the resumed one); --n-head and --rope-theta keep every weight's shape
+    "--n-head": ("2", "1"),
+    "--rope-theta": ("10000", "500000"),
+    "--n-kv-head": ("2", "1"),
+    "--intermediate-size": ("96", "128"),
+    "--n-layer": ("1", "2"),
+}
+
+
+@pytest.mark.parametrize("flag", list(RESHAPED))
+def test_resume_refuses_another_model_shape(env, tmp_path, capsys, flag):
+    before, after = RESHAPED[flag]
+    args = SCRATCH(env, tmp_path, "--save-every", "1", *CPU)
+    args = [a for i, a in enumerate(args) if a != flag and (i == 0 or args[i - 1] != flag)]  # SCRATCH's own value out
+    train.main(args + [flag, before])
+    out = tmp_path / "out"
+    kept = digest(out / "checkpoints")
+    capsys.readouterr()
+    err = one_line_exit_2("train", args + [flag, after, "--steps", "2", "--resume"], capsys)
+    assert f"--resume: {flag} was {float(before) if flag == '--rope-theta' else before}" in err, err
+    assert f"now {float(after) if flag == '--rope-theta' else after}" in err, err
+    assert digest(out / "checkpoints") == kept and json.loads((out / "config.json").read_text())[
+        "num_attention_heads"] == (2 if flag != "--n-head" else int(before))

@@ -53,11 +53,15 @@ def check_out(tc):
                             "pick a new or empty directory")
         if tc.init != "scratch" and os.path.isdir(tc.init) and os.path.samefile(tc.init, out):
             raise UserError("--out must not be the --init checkpoint")
+    finished = os.path.isfile(os.path.join(out, "config.json"))
     if tc.resume is False and checkpoints(out):
         raise UserError(f"{out} holds checkpoints of an earlier run: add --resume, or pick another --out")
-    if tc.resume and not checkpoints(out) and os.path.isfile(os.path.join(out, "config.json")):
+    if not tc.resume and finished and not tc.overwrite:
+        raise UserError(f"--out {out} holds a finished run (its export): starting over would replace it; pick another "
+                        "--out, or add --overwrite to replace it")
+    if tc.resume and not checkpoints(out) and finished:
         raise UserError(f"--resume: nothing to resume in {out}, which holds a finished run (its export, and no "
-                        "checkpoints): starting over would replace it; pick another --out")
+                        "checkpoints): pick another --out, or give --overwrite instead of --resume to replace it")
 
 
 def claim(tc, env, cleanup):

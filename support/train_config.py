@@ -76,6 +76,8 @@ class TrainConfig:
     save_every: str = arg("100", "write a resumable checkpoint every N steps, or every N minutes with Nm (30m) or "
                                  "hours with Nh; 0: never (SIGTERM still writes one)", str)
     resume: bool = arg(False, "continue from the last checkpoint in --out")
+    overwrite: bool = arg(False, "start over in the --out of a finished run, replacing its export and metrics.jsonl "
+                                 "(without it such an --out is refused: it holds the run's result)")
     eval_every: int = arg(0, "validation loss every N steps (0: only at the end)")
     eval_blocks: int = arg(8, "validation sequences per evaluation")
     log_every: int = arg(10, "without a terminal (a batch job's log): a progress line every N steps, or every "
@@ -108,7 +110,7 @@ GROUPS = {
     "optimisation (the paper's recipe)": ("steps", "batch_size", "micro_batch", "lr", "lr_schedule", "warmup",
                                           "weight_decay", "grad_clip", "seed"),
     "engine": ("device", "dtype", "activation_checkpointing", "compile"),
-    "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
+    "checkpoints and logging": ("save_every", "resume", "overwrite", "eval_every", "eval_blocks", "log_every", "log_seconds"),
     "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "mfu", "fit_check"),
     "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
                                                    "intermediate_size", "rope_theta"),

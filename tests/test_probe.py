@@ -122,3 +122,17 @@ def test_resume_refuses_another_model_shape(env, tmp_path, capsys, flag):
     assert f"now {float(after) if flag == '--rope-theta' else after}" in err, err
     assert digest(out / "checkpoints") == kept and json.loads((out / "config.json").read_text())[
         "num_attention_heads"] == (2 if flag != "--n-head" else int(before))
+
+
+# ---- 10. a finished run is the user's result: the same command again is refused, unless --overwrite ------------
+
+def test_rerunning_a_finished_run_is_refused_unless_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = TRAIN(env, tmp_path, "--save-every", "0", *CPU)
+    train.main(args)
+    before = digest(out)
+    capsys.readouterr()
+    err = one_line_exit_2("train", args, capsys)
+    assert "finished run" in err and "--overwrite" in err and digest(out) == before, err
+    train.main(args + ["--overwrite", "--steps", "2"])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # started over: the new run's steps only

@@ -29,8 +29,11 @@ from support.plan import FITS, GIB, Plan, peak_flops
 from support.publish import check_writable
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
+# every tokenizer file a Hugging Face checkpoint may carry (transformers 4.5x writes the chat template to its own
+# file, chat_template.jinja; GPT-2-style tokenizers keep vocab.json and merges.txt): the export ships each one
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -312,6 +315,8 @@ def checkpoint_files(tc, mcfg, meta):
     with torch.device("meta"):  # no weights, only pickles, or other shapes: fail now, from the file headers
         check_tensors(tc.init, Llama(mcfg).shapes(), mcfg.tie_word_embeddings)
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
+    for file in tok_files:  # a link out of the checkpoint is refused before anything reads it
+        check_side_file(file)
     data_vocab = meta["vocab_size"]
     try:
         own = load_tokenizer(tc.init).vocab_size

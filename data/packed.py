@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from support.common import UserError
+from support.jsonfile import loads, read_json
 from data.tokenizer import load_tokenizer, train_tokenizer
 from support.publish import copy_file, new_dir, new_file
 
@@ -55,7 +56,7 @@ def read_jsonl_line(path, offset, lineno, text_key):
         f.seek(offset)
         line = f.readline()
     try:
-        text = json.loads(line)[text_key]
+        text = loads(line, f"{path}:{lineno}")[text_key]
     except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
         raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
     return string(text, f"{path}:{lineno}", text_key)
@@ -274,9 +275,9 @@ def check_out(out, inputs):
     """--out of a command that writes a dataset: new, empty, or a dataset of ours (a meta.json, and nothing
     but what prepare writes: an earlier run's), and none of the command's `inputs` inside it. Raises
     ValueError, the one line for the user."""
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)  # through symbolic links: an input reached by a link into --out is inside it
     for path in inputs:
-        path = os.path.abspath(path)
+        path = os.path.realpath(path)
         if os.path.commonpath([path, out]) == out:
             raise ValueError(f"--input {path} is inside --out {out}: writing the dataset there would replace it")
     if not os.path.exists(out):
@@ -310,8 +311,7 @@ def read_meta(dir):
         raise ValueError(f"--data {dir} is a file: give the directory written by data/prepare.py")
     path = os.path.join(dir, "meta.json")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run data/prepare.py first") from None
     except (OSError, ValueError) as e:

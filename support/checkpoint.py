@@ -13,7 +13,6 @@ Both Llama.from_pretrained and train.py's sharded loading read weights through r
 stream, one set of checks and messages. Every problem is a CheckpointError, one line for the user.
 """
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import shutil
 import torch
 
 from support.common import UserError
+from support.jsonfile import CONFIG_TYPES, JSONFileError, read_json
 from support.publish import new_dir, save_tensors, write_json
 
 
@@ -37,13 +37,11 @@ def read_config(path):
     if not os.path.isfile(file):
         raise CheckpointError(f"no config.json in {path}")
     try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt config.json in {path}: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"corrupt config.json in {path}: not a JSON object")
-    return hf
+        return read_json(file, CONFIG_TYPES)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def weight_files(path):
@@ -52,8 +50,7 @@ def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index, {"weight_map": (dict,)})["weight_map"]
             names = list(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {index}: {e}") from None

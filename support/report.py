@@ -14,7 +14,6 @@ check_run refuses JSON of another shape (report turns that into a UserError nami
 is written through publish.py. Plots need matplotlib: without it they are skipped, with a note.
 """
 
-import json
 import math
 import os
 import textwrap
@@ -22,6 +21,7 @@ import textwrap
 import numpy as np
 
 from support.common import UserError, note
+from support.jsonfile import loads
 from support.publish import check_target, new_file, write_json
 
 
@@ -143,12 +143,14 @@ def report(files, out=None):
     runs = []
     for f in files:
         try:
-            with open(f) as fh:
-                runs.append(json.load(fh))
+            with open(f, "rb") as fh:
+                runs.append(loads(fh.read(), f))
             check_run(runs[-1])
             if runs[-1]["task"] != runs[0]["task"]:
                 raise ValueError(f"not the output of eval.py {runs[0]['task']} --json, as the first file is "
                                  "(a report merges runs of one task)")
+        except UserError:  # the JSON reader's one line, naming the file
+            raise
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except ValueError as e:  # also json.JSONDecodeError
@@ -230,8 +232,8 @@ def check_outputs(json_path=None, plot_path=None, table_path=None, inputs=()):
 
 def is_result(path):
     try:
-        with open(path) as f:
-            run = json.load(f)
+        with open(path, "rb") as f:
+            run = loads(f.read(), path)
     except (OSError, ValueError):
         return False
     return isinstance(run, dict) and run.get("task") in ("ppl", "passkey") and isinstance(run.get("results"), list)

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from support import distributed
 from support.checkpoint import CHECKPOINT_FILE, CheckpointError
 from support.common import UserError
+from support.jsonfile import read_json
 from support.progress import METRICS
 from support.publish import move_into, new_file, publish_dir, remove_dir, save_tensors, stage_dir, write_json
 
@@ -266,8 +267,8 @@ def load_state(model, optimizer, tc, path, env):
 def read_train_state(path, tc):
     """train_state.json of a checkpoint, checked, and checked against this run's flags."""
     try:
-        with open(os.path.join(path, "train_state.json")) as f:
-            state = json.load(f)
+        state = read_json(os.path.join(path, "train_state.json"), {"config": (dict,), "sharded": (list,),
+                                                                   "rng": (list,)})
         step, old_world, config = state["step"], state["world"], state["config"]
         state["sharded"] = set(state["sharded"])
         if not (isinstance(step, int) and isinstance(old_world, int) and step >= 0 and old_world >= 1):

@@ -318,6 +318,9 @@ def check_number(name, value):
     return value
 
 
+MAX_POSITIONS = 2**24  # positions are fp32 here: exact integers up to 2^24, and no further
+
+
 def check_rope(cfg):
     """RopeConfig's checks: one ValueError naming the field."""
     for f in ("theta", "factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
@@ -331,6 +334,13 @@ def check_rope(cfg):
     if not cfg.factor >= 1:
         raise ValueError(f"RoPE scaling factor must be >= 1 (and finite), got {cfg.factor}")
     check_int("original_max_position_embeddings", cfg.original_max_position_embeddings)
+    reach = cfg.factor * cfg.original_max_position_embeddings  # s*L: a finite s can still overflow what follows
+    if cfg.factor > 1 and reach > MAX_POSITIONS:
+        raise ValueError(f"RoPE scaling factor {cfg.factor:g} reaches s*L = {reach:.4g} positions, past 2^24 = "
+                         f"{MAX_POSITIONS:,}: positions are fp32, exact integers only up to 2^24")
+    if cfg.method == "ntk" and (cfg.head_dim <= 2 or not math.isfinite(ntk_base(cfg.theta, cfg.head_dim, cfg.factor))):
+        raise ValueError(f"NTK's base b*s^(D/(D-2)) for rope_theta {cfg.theta:g}, factor {cfg.factor:g} and head_dim "
+                         f"{cfg.head_dim} is not a finite number")
     for f in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
         if not getattr(cfg, f) > 0:
             raise ValueError(f"RoPE {f} must be > 0, got {getattr(cfg, f)}")

@@ -19,9 +19,10 @@ import sys
 
 import torch
 
+import rope
 from rope import DYNAMIC_METHODS, METHODS
 
-MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
+MAX_POSITIONS = rope.MAX_POSITIONS  # RoPE positions are fp32: exact integers up to 2^24 (rope.py's bound)
 
 
 class UserError(Exception):

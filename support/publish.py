@@ -37,8 +37,9 @@ def temporary_name(path, kind="tmp"):
 @contextlib.contextmanager
 def new_file(path, mode="w"):
     """`with new_file(path) as f:` a file object on a temporary name beside `path`; when the block ends
-    the data is flushed to disk and the file renamed onto `path`. mode "w" (UTF-8 text) or "wb"."""
-    path = os.path.abspath(path)
+    the data is flushed to disk and the file renamed onto `path`. mode "w" (UTF-8 text) or "wb". A symbolic
+    link is written through: its target is replaced, the link stays."""
+    path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
@@ -86,8 +87,10 @@ def copy_file(src, dst):
 @contextlib.contextmanager
 def new_dir(path):
     """`with new_dir(path) as tmp:` a new directory beside `path` to write into; when the block ends it
-    is put in place of `path` (publish_dir). If the block raises, it is removed and `path` is untouched."""
-    path = os.path.abspath(path)
+    is put in place of `path` (publish_dir). If the block raises, it is removed and `path` is untouched. A
+    symbolic link to a directory (on another disk) is written through: staged beside its target, which is
+    replaced; the link stays."""
+    path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
@@ -155,6 +158,8 @@ def remove_dir(path):
 def check_writable(path, flag):
     """`path` (which may not exist yet) must be a directory we can create files in: checked before
     the work whose result goes there, not after it. Raises UserError naming `flag`."""
+    if not path:  # "" is no directory: os.makedirs("") fails only after the work
+        raise UserError(f"{flag} is empty: give a directory")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -136,3 +136,221 @@ def test_rerunning_a_finished_run_is_refused_unless_overwrite(env, tmp_path, cap
     assert "finished run" in err and "--overwrite" in err and digest(out) == before, err
     train.main(args + ["--overwrite", "--steps", "2"])
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # started over: the new run's steps only
+
+
+# ---- 11. a BOS only where the tokenizer itself adds one, as transformers does ---------------------------------
+
+def hf_tokenizer(folder, template=None, sequence=False, config=None):
+    """A small byte-level BPE tokenizer.json in `folder` with Llama's special tokens, its post-processor a BOS
+    template ("<s> $A"; in a Sequence after ByteLevel as Llama 3's) or none (SmolLM2's, Qwen's); config.json
+    naming a bos_token_id (SmolLM2's does, though its tokenizer adds none)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Hello there, the king speaks of love and death"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if template:
+        bos = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), bos]) if sequence else bos
+    os.makedirs(folder)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    if config:
+        (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+BOS_CASES = {  # name: hf_tokenizer's arguments
+    "BOS template (Llama 2, Mistral)": dict(template="<s> $A"),
+    "BOS template in a Sequence (Llama 3)": dict(template="<s> $A", sequence=True),
+    "BOS and EOS template": dict(template="<s> $A </s>"),
+    "no post-processor, config names a BOS (SmolLM2)": dict(config={"bos_token_id": 1, "eos_token_id": 2}),
+    "no post-processor, no config": dict(),
+}
+
+
+@pytest.mark.parametrize("case", list(BOS_CASES))
+def test_bos_is_what_the_tokenizer_adds_as_transformers_reads_it(tmp_path, case):
+    transformers = pytest.importorskip("transformers")
+    from data.tokenizer import load_tokenizer
+    folder = hf_tokenizer(tmp_path / "tok", **BOS_CASES[case])
+    ref = transformers.AutoTokenizer.from_pretrained(folder)("Hello there")["input_ids"]
+    tok = load_tokenizer(folder)
+    ours = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode("Hello there")
+    assert ours == ref[:len(ours)] and len(ref) - len(ours) == BOS_CASES[case].get("template", "").count("</s>")
+
+
+def test_a_bare_sentencepiece_model_keeps_its_bos_as_llama_tokenizer_does(env, tmp_path):
+    """The demo's tokenizer.model alone adds its BOS, as transformers' LlamaTokenizer does (add_bos_token
+    defaults to True; the transformers 5 of the tests cannot read a bare tokenizer.model without protobuf, so
+    the reference is sentencepiece's own BOS id); the demo's perplexity table depends on it. tokenizer_config.json's
+    add_bos_token false takes it away."""
+    import sentencepiece as spm
+    from data.tokenizer import load_tokenizer
+    model = os.path.join(env.data, "tokenizer.model")
+    assert load_tokenizer(model).bos_id == spm.SentencePieceProcessor(model_file=model).bos_id() == 1
+    (tmp_path / "tok").mkdir()
+    shutil.copy(model, tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert load_tokenizer(str(tmp_path / "tok")).bos_id == -1
+
+
+# ---- 12. the export ships every tokenizer file the checkpoint carries ---------------------------------------
+
+def test_the_export_ships_the_chat_template_and_every_tokenizer_side_file(env, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(env.ckpt, ckpt)
+    side = {"chat_template.jinja": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "chat_template.json": json.dumps({"chat_template": "{{ messages }}"}),
+            "added_tokens.json": json.dumps({"<extra>": 319}), "special_tokens_map.json": json.dumps({"bos_token": "<s>"}),
+            "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2})}
+    for name, text in side.items():
+        (ckpt / name).write_text(text)
+    train.main(TRAIN(env, tmp_path, *CPU, init=str(ckpt)))
+    assert {n: (tmp_path / "out" / n).read_text() for n in side} == side
+
+
+# ---- 4. hostile JSON in any file we read: one reader, one line naming the file and the key ---------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit
+HUGE_INT = '{"vocab_size": ' + "9" * 5000 + "}"  # past Python's int conversion limit (4300 digits)
+
+
+def copied(src, t, name, text):
+    """A copy of the directory `src` under t with its file `name` replaced by `text`."""
+    dst = t / os.path.basename(src)
+    shutil.copytree(src, dst)
+    (dst / name).write_text(text)
+    return str(dst)
+
+
+def resumable_with(e, t, text):
+    shutil.copytree(e.run, t / "run")
+    (t / "run" / "checkpoints" / "step-000001" / "train_state.json").write_text(text)
+    return TRAIN(e, t, "--yarn-scale", "2", "--save-every", "1", "--warmup", "0", "--resume", *CPU, out=str(t / "run"))
+
+
+def written(t, name, text):
+    (t / name).write_text(text)
+    return str(t / name)
+
+
+def SAMPLE_(model):
+    return ["--model", model, "--prompt", "the king", "--max-new-tokens", "2", "--ctx", "64", *CPU]
+
+
+JSON_CASES = {  # name: (command, argv builder, what the one line must name)
+    "config.json nested 100000 deep": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "config.json", DEEP)),
+                                       "config.json: nested too deeply"),
+    "config.json a 5000-digit integer": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "config.json", HUGE_INT)),
+                                         "an integer of 5000 digits"),
+    "config.json model_type a list": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "config.json", json.dumps(
+        {**json.load(open(os.path.join(e.ckpt, "config.json"))), "model_type": ["llama"]}))),
+        "config.json: model_type must be a string, got a list"),
+    "config.json a 5000-digit integer (train)": ("train", lambda e, t: TRAIN(e, t, *CPU, init=copied(
+        e.ckpt, t, "config.json", HUGE_INT)), "an integer of 5000 digits"),
+    "config.json nested (eval)": ("eval", lambda e, t: PPL(e, *CPU, model=copied(e.ckpt, t, "config.json", DEEP)),
+                                  "config.json: nested too deeply"),
+    "index nested": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "model.safetensors.index.json", DEEP)),
+                     "nested too deeply"),
+    "meta.json nested": ("train", lambda e, t: TRAIN(e, t, *CPU, data=copied(e.data, t, "meta.json", DEEP)),
+                         "meta.json"),
+    "meta.json a 5000-digit integer": ("train", lambda e, t: TRAIN(e, t, *CPU, data=copied(e.data, t, "meta.json",
+                                                                                             HUGE_INT)), "5000 digits"),
+    "train_state.json nested": ("train", lambda e, t: resumable_with(e, t, DEEP), "train_state.json"),
+    "train_state.json config a list": ("train", lambda e, t: resumable_with(e, t, json.dumps(
+        {"step": 1, "world": 1, "sharded": [], "rng": [], "config": ["llama"]})), "config must be an object"),
+    "tokenizer_config.json a list": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "tokenizer_config.json", "[1]")),
+                                     "tokenizer_config.json: not a JSON object"),
+    "tokenizer_config.json nested (prepare)": ("prepare", lambda e, t: [
+        "--input", e.text, "--out", str(t / "d"), "--tokenizer", copied(e.ckpt, t, "tokenizer_config.json", DEEP)],
+        "tokenizer_config.json: nested too deeply"),
+    "tokenizer_config.json bos_token a list": ("eval", lambda e, t: PPL(e, *CPU, model=copied(
+        e.ckpt, t, "tokenizer_config.json", '{"add_bos_token": [true]}')), "add_bos_token must be true or false"),
+    "report input nested": ("eval", lambda e, t: ["report", written(t, "run.json", DEEP)], "run.json: nested"),
+    "report input a 5000-digit integer": ("eval", lambda e, t: ["report", written(t, "run.json", HUGE_INT)],
+                                          "run.json"),
+    "a .jsonl line nested": ("prepare", lambda e, t: ["--input", written(t, "d.jsonl", '{"text": ' + DEEP + "}\n"),
+                                                      "--out", str(t / "d"), "--tokenizer", e.ckpt], "d.jsonl:1"),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_hostile_json_is_one_line_naming_the_file(env, tmp_path, capsys, case):
+    command, build, message = JSON_CASES[case]
+    argv = [str(a) for a in build(env, tmp_path)]
+    capsys.readouterr()
+    err = one_line_exit_2(command, argv, capsys)
+    assert message in err, err
+
+
+# ---- 3. symbolic links around --out: compared resolved, written through ----------------------------------------
+
+def test_prepare_writes_through_an_out_that_is_a_link(env, tmp_path):
+    from data.packed import PackedData
+    from data.prepare import main as prepare
+    (tmp_path / "other-disk").mkdir()
+    os.symlink(tmp_path / "other-disk", tmp_path / "data")
+    for _ in range(2):  # new, then a dataset of ours replaced
+        prepare(["--input", env.text, "--out", str(tmp_path / "data"), "--tokenizer", env.ckpt])
+        assert os.path.islink(tmp_path / "data") and os.readlink(tmp_path / "data") == str(tmp_path / "other-disk")
+        assert len(PackedData(str(tmp_path / "other-disk"), "train")) > 0
+    assert sorted(os.listdir(tmp_path)) == ["data", "other-disk"]  # nothing staged or left beside the link
+
+
+def test_prepare_refuses_an_input_reached_through_a_link_into_out(env, tmp_path, capsys):
+    from data.packed import find_documents, prepare
+    out = tmp_path / "out"
+    docs = find_documents([env.text])
+    prepare(str(out), docs, [], tokenizer=env.ckpt, extra={"heldout/play.txt": "the king speaks\n"})
+    os.symlink(out / "heldout" / "play.txt", tmp_path / "play.txt")
+    before = digest(out)
+    err = one_line_exit_2("prepare", ["--input", str(tmp_path / "play.txt"), "--out", str(out), "--tokenizer",
+                                      env.ckpt], capsys)
+    assert "inside --out" in err and digest(out) == before, err
+
+
+def test_eval_json_through_a_link_replaces_the_target_and_keeps_the_link(env, tmp_path):
+    (tmp_path / "results").mkdir()
+    ev.main(PPL(env, "--json", str(tmp_path / "results" / "p.json"), *CPU))
+    os.symlink(tmp_path / "results" / "p.json", tmp_path / "p.json")
+    ev.main(PPL(env, "--json", str(tmp_path / "p.json"), "--label", "again", *CPU))
+    assert os.path.islink(tmp_path / "p.json")
+    assert json.loads((tmp_path / "results" / "p.json").read_text())["results"][0]["method"].startswith("again")
+
+
+# ---- 7. absurd finite numbers: a bound that says why, before the plan or the frequencies overflow ----------------
+
+ABSURD = {  # name: (command, argv builder, what the line must say)
+    "train --yarn-scale 1e300": ("train", lambda e, t: TRAIN(e, t, "--yarn-scale", "1e300", *CPU), "2^24"),
+    "train --rope ntk --rope-factor 1e300": ("train", lambda e, t: TRAIN(e, t, "--rope", "ntk", "--rope-factor",
+                                                                           "1e300", *CPU), "2^24"),
+    "train --dry-run --yarn-scale 1e300": ("train", lambda e, t: TRAIN(e, t, "--yarn-scale", "1e300", "--dry-run",
+                                                                        *CPU), "2^24"),
+    "eval --rope ntk:1e300": ("eval", lambda e, t: PPL(e, "--rope", "ntk:1e300", *CPU), "2^24"),
+    "sample --rope yarn --rope-factor 1e300": ("sample", lambda e, t: SAMPLE_(e.ckpt) + [
+        "--rope", "yarn", "--rope-factor", "1e300"], "2^24"),
+    "config.json's factor 1e300": ("sample", lambda e, t: SAMPLE_(copied(e.ckpt, t, "config.json", json.dumps(
+        {**json.load(open(os.path.join(e.ckpt, "config.json"))),
+         "rope_scaling": {"rope_type": "yarn", "factor": 1e300, "original_max_position_embeddings": 64}}))), "2^24"),
+    "ntk's base past floats": ("train", lambda e, t: SCRATCH(e, t, "--rope", "ntk", "--rope-factor", "2",
+                                                             "--rope-theta", "1e308", *CPU), "not a finite number"),
+    "train --out ''": ("train", lambda e, t: TRAIN(e, t, *CPU) + ["--out", ""], "--out is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(ABSURD))
+def test_absurd_finite_numbers_are_one_line(env, tmp_path, capsys, case):
+    command, build, message = ABSURD[case]
+    argv = [str(a) for a in build(env, tmp_path)]
+    capsys.readouterr()
+    err = one_line_exit_2(command, argv, capsys)
+    assert message in err, err
+    assert not capsys.readouterr().out  # refused before the plan is printed
+
+
+def test_the_largest_factor_within_2_24_is_taken(env, tmp_path):
+    """s*L = 2^24 exactly is the bound, not past it: such a run trains and exports."""
+    train.main(TRAIN(env, tmp_path, "--yarn-scale", str(2**24 // 64), "--seq-len", "64", *CPU))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 2**24

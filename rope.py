@@ -334,10 +334,10 @@ def check_rope(cfg):
     if not cfg.factor >= 1:
         raise ValueError(f"RoPE scaling factor must be >= 1 (and finite), got {cfg.factor}")
     check_int("original_max_position_embeddings", cfg.original_max_position_embeddings)
-    reach = cfg.factor * cfg.original_max_position_embeddings  # s*L: a finite s can still overflow what follows
-    if cfg.factor > 1 and reach > MAX_POSITIONS:
-        raise ValueError(f"RoPE scaling factor {cfg.factor:g} reaches s*L = {reach:.4g} positions, past 2^24 = "
-                         f"{MAX_POSITIONS:,}: positions are fp32, exact integers only up to 2^24")
+    if cfg.factor > MAX_POSITIONS:  # a finite s can still overflow what is computed from it (s*L, NTK's base)
+        raise ValueError(f"RoPE scaling factor must be at most 2^24 = {MAX_POSITIONS:,}, got {cfg.factor:g}: positions "
+                         "are fp32, at most 2^24 of them, so a larger s squeezes every text we can run into less "
+                         "than one original position")
     if cfg.method == "ntk" and (cfg.head_dim <= 2 or not math.isfinite(ntk_base(cfg.theta, cfg.head_dim, cfg.factor))):
         raise ValueError(f"NTK's base b*s^(D/(D-2)) for rope_theta {cfg.theta:g}, factor {cfg.factor:g} and head_dim "
                          f"{cfg.head_dim} is not a finite number")

@@ -40,8 +40,8 @@ def read_config(path):
         return read_json(file, CONFIG_TYPES)
     except OSError as e:
         raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
-    except JSONFileError as e:
-        raise CheckpointError(str(e)) from None
+    except JSONFileError as e:  # "FILE: why" or "FILE is not valid JSON (why)"
+        raise CheckpointError(f"corrupt config.json in {path}: {str(e).removeprefix(file).lstrip(': ')}") from None
 
 
 def weight_files(path):

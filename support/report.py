@@ -221,6 +221,10 @@ def check_outputs(json_path=None, plot_path=None, table_path=None, inputs=()):
     flag = "--plot" if plot_path else ("--json" if json_path else "--out")
     if plot and plot_format(plot) not in PLOT_FORMATS:
         raise UserError(f"--plot {plot}: a .{plot_format(plot)} file; plots are {', '.join(PLOT_FORMATS)}")
+    for name, path in (("--json", json_path), ("--out", table_path)):  # two outputs under one name: one is lost
+        if plot and path and os.path.realpath(path) == os.path.realpath(plot):
+            raise UserError(f"{name} {path} is also where the plot goes: the plot would replace it; give {name} "
+                            f"a {'.json' if name == '--json' else '.md'} name, or --plot another file")
     if json_path:
         check_target(json_path, "--json", is_result, "a result of eval.py", inputs)
     if table_path:

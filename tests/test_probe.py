@@ -354,3 +354,16 @@ def test_the_largest_factor_within_2_24_is_taken(env, tmp_path):
     """s = 2^24 exactly is the bound, not past it: such a run trains and exports."""
     train.main(TRAIN(env, tmp_path, "--yarn-scale", str(2**24), "--seq-len", "64", *CPU))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]["factor"] == 2**24
+
+
+# ---- 8. two outputs under one name: refused before the work --------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    lambda e, t: PPL(e, "--json", str(t / "res.png"), *CPU),
+    lambda e, t: PPL(e, "--json", str(t / "res.json"), "--plot", str(t / "res.json"), *CPU),
+    lambda e, t: ["report", written(t, "a.json", "{}"), "--out", str(t / "table.png")],
+], ids=["--json res.png", "--plot = --json", "report --out table.png"])
+def test_a_result_and_its_plot_under_one_name_are_refused(env, tmp_path, capsys, argv):
+    err = one_line_exit_2("eval", argv(env, tmp_path), capsys)
+    assert "where the plot goes" in err, err
+    assert sorted(os.listdir(tmp_path)) in ([], ["a.json"])  # nothing written

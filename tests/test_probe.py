@@ -360,7 +360,7 @@ def test_the_largest_factor_within_2_24_is_taken(env, tmp_path):
 
 @pytest.mark.parametrize("argv", [
     lambda e, t: PPL(e, "--json", str(t / "res.png"), *CPU),
-    lambda e, t: PPL(e, "--json", str(t / "res.json"), "--plot", str(t / "res.json"), *CPU),
+    lambda e, t: PPL(e, "--json", str(t / "res.svg"), "--plot", str(t / "res.svg"), *CPU),
     lambda e, t: ["report", written(t, "a.json", "{}"), "--out", str(t / "table.png")],
 ], ids=["--json res.png", "--plot = --json", "report --out table.png"])
 def test_a_result_and_its_plot_under_one_name_are_refused(env, tmp_path, capsys, argv):

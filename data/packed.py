@@ -49,6 +49,8 @@ def read_text(path):
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:  # a dangling symbolic link, a file unreadable to us
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_jsonl_line(path, offset, lineno, text_key):
@@ -65,6 +67,11 @@ def read_jsonl_line(path, offset, lineno, text_key):
 def string(text, name, text_key):
     if not isinstance(text, str):  # a number or a list in JSON; a null or bytes in parquet
         raise UserError(f"{name}: {text_key!r} is not a string")
+    try:  # JSON's "\ud800" is a lone surrogate: a str Python holds, but no text a tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{name}: {text_key!r} holds {text[e.start]!r} at character {e.start}, a lone surrogate: "
+                        "not Unicode text") from None
     return text
 
 
@@ -232,9 +239,12 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
     swapped in when complete (publish.new_dir): a dataset that was there stays whole until then."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
-        model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
+        try:
+            model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
+        except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
+            raise ValueError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
     else:
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)  # its BOS and EOS ids inside its vocabulary (load_tokenizer checks)
         if tok.eos_id < 0:
             raise ValueError(f"{tokenizer} has no EOS token, so document ends cannot be marked")
     with new_dir(out) as tmp:

@@ -128,6 +128,9 @@ def special_id(tok, folder, kind, candidates):
         value = cfg.get(f"{kind}_token_id")
         if isinstance(value, list) and value:  # Llama 3.1 instruct lists several EOS ids; the first is the base one
             value = value[0]
+        if isinstance(value, int) and not 0 <= value < tok.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"{os.path.join(folder, name)}: {kind}_token_id {value} is outside the vocabulary of "
+                             f"{tok.get_vocab_size(with_added_tokens=True)} tokens of its tokenizer.json")
         if isinstance(value, int):
             return value
         token = cfg.get(f"{kind}_token")  # tokenizer_config.json names the token, as a string or {"content": ...}

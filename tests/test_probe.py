@@ -367,3 +367,55 @@ def test_a_result_and_its_plot_under_one_name_are_refused(env, tmp_path, capsys,
     err = one_line_exit_2("eval", argv(env, tmp_path), capsys)
     assert "where the plot goes" in err, err
     assert sorted(os.listdir(tmp_path)) in ([], ["a.json"])  # nothing written
+
+
+# ---- 5. a dataset that cannot be used is refused before the work, in one line ------------------------------
+
+def dangling(t):
+    (t / "docs").mkdir()
+    (t / "docs" / "a.txt").write_text("the king speaks\n")
+    os.symlink(t / "gone.txt", t / "docs" / "b.txt")
+    return str(t / "docs")
+
+
+def with_generation_config(t, text):
+    folder = hf_tokenizer(t / "tok")
+    written(t / "tok", "generation_config.json", text)
+    return folder
+
+
+SURROGATE = '{"text": "the king \\ud800 speaks"}\n'
+
+UNUSABLE = {  # name: (command, argv builder, what the line must say)
+    "EOS of config.json outside the vocabulary": ("prepare", lambda e, t: [
+        "--input", e.text, "--out", str(t / "d"), "--tokenizer",
+        hf_tokenizer(t / "tok", config={"bos_token_id": 1, "eos_token_id": 999})], "eos_token_id 999 is outside"),
+    "EOS of generation_config.json outside the vocabulary": ("prepare", lambda e, t: [
+        "--input", e.text, "--out", str(t / "d"), "--tokenizer", with_generation_config(t, '{"eos_token_id": 300}')],
+        "generation_config.json: eos_token_id 300 is outside"),
+    "a dangling .txt link": ("prepare", lambda e, t: ["--input", dangling(t), "--out", str(t / "d"), "--tokenizer",
+                                                      e.ckpt], "b.txt"),
+    "a lone surrogate (prepare, --tokenizer)": ("prepare", lambda e, t: [
+        "--input", written(t, "s.jsonl", SURROGATE), "--out", str(t / "d"), "--tokenizer", e.ckpt], "lone surrogate"),
+    "a lone surrogate (prepare, --train-tokenizer)": ("prepare", lambda e, t: [
+        "--input", written(t, "s.jsonl", SURROGATE), "--out", str(t / "d"), "--train-tokenizer", "300"],
+        "lone surrogate"),
+    "a lone surrogate (eval)": ("eval", lambda e, t: PPL(e, *CPU, data=written(t, "s.jsonl", SURROGATE)),
+                                "lone surrogate"),
+    "--seed -1 (prepare)": ("prepare", lambda e, t: ["--input", e.text, "--out", str(t / "d"), "--train-tokenizer",
+                                                     "300", "--seed", "-1"], "--seed must be in [0, 2^32)"),
+    "--seed 2^32 (prepare)": ("prepare", lambda e, t: ["--input", e.text, "--out", str(t / "d"), "--train-tokenizer",
+                                                       "300", "--seed", str(2**32)], "--seed must be in [0, 2^32)"),
+    "a tokenizer too large for the corpus": ("prepare", lambda e, t: [
+        "--input", e.text, "--out", str(t / "d"), "--train-tokenizer", "100000"], "tokenizer training failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_an_unusable_dataset_is_refused_before_the_work(env, tmp_path, capsys, case):
+    command, build, message = UNUSABLE[case]
+    argv = [str(a) for a in build(env, tmp_path)]
+    capsys.readouterr()
+    err = one_line_exit_2(command, argv, capsys)
+    assert message in err, err
+    assert not (tmp_path / "d").exists()

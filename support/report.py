@@ -193,8 +193,8 @@ def passkey_report(runs, out):
         return f"{np.mean([row[str(d)] for d in depths if str(d) in row]):.0%}" if row else "-"
     table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
                                                               for res in results])
-    print(f"passkey retrieval: accuracy at each length over the key depths {', '.join(f'{d:g}' for d in depths)}"
-          f" ({'/'.join(map(str, trials))} keys each)\n")
+    print(f"passkey retrieval: accuracy at each length over {depths_of(runs)} ({'/'.join(map(str, trials))} keys "
+          "each)\n")
     print(table)
     if out:
         for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
@@ -202,6 +202,16 @@ def passkey_report(runs, out):
                                for n in lengths}
         write_report(out, table, lambda png: plot_passkey(results, lengths, depths, png))
     return results
+
+
+def depths_of(runs):
+    """The key depths a passkey report's means are over: one list when every run used the same, else each
+    row's own (a mean over other depths is another number)."""
+    named = lambda ds: ", ".join(f"{d:g}" for d in ds)
+    if len({tuple(r["depths"]) for r in runs}) == 1:
+        return f"the key depths {named(runs[0]['depths'])}"
+    rows = "".join(f"\n  {res['method']}: {named(r['depths'])}" for r in runs for res in r["results"])
+    return f"the key depths of each row, which differ:{rows}\n"
 
 
 def write_report(out, table, plot):

@@ -419,3 +419,20 @@ def test_an_unusable_dataset_is_refused_before_the_work(env, tmp_path, capsys, c
     err = one_line_exit_2(command, argv, capsys)
     assert message in err, err
     assert not (tmp_path / "d").exists()
+
+
+# ---- 9. a passkey report of runs at other depths says each row's own ------------------------------------------
+
+def passkey_run(t, name, depths, acc):
+    run = {"task": "passkey", "model": name, "lengths": [64], "depths": depths, "trials": 2, "seed": 0,
+           "results": [{"method": name, "accuracy": {"64": {str(d): acc for d in depths}}, "mean": acc}]}
+    return written(t, f"{name}.json", json.dumps(run))
+
+
+def test_a_passkey_report_of_runs_at_other_depths_names_each_rows_depths(tmp_path, capsys):
+    a, b = passkey_run(tmp_path, "a", [0.0, 1.0], 1.0), passkey_run(tmp_path, "b", [0.5], 0.5)
+    ev.main(["report", a, b])
+    header = capsys.readouterr().out.split("| method")[0]
+    assert "0, 0.5, 1" not in header and "\n  a: 0, 1\n" in header and "\n  b: 0.5\n" in header, header
+    ev.main(["report", a, passkey_run(tmp_path, "c", [0.0, 1.0], 0.0)])  # the same depths: named once
+    assert "over the key depths 0, 1 (2 keys each)" in capsys.readouterr().out

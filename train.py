@@ -306,8 +306,8 @@ def run(argv, cleanup):
         export(model, mcfg, tc, tok_files, save_dtype, env)                  # 7) the Hugging Face checkpoint
         if env.master:
             val_loss = log["val_loss"] if log else None
-            print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""),
-                  file=sys.stderr)
+            print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else "") +
+                  rundir.left_behind(tc.out), file=sys.stderr)
     if dist.is_initialized():
         distributed.finish()                                # every rank done: the process group ends
     return 128 + signal.SIGTERM if stopped else 0

@@ -91,6 +91,17 @@ def full_disk(out, e):
         raise UserError(f"cannot write {e.filename or 'in ' + out}: {e.strerror}; {kept(out)}") from None
 
 
+def left_behind(out):
+    """The end of a finished run's last line: the resumable checkpoint it leaves (the size of the weights and
+    AdamW state), and what it is for; "" when there is none."""
+    found = checkpoints(out)
+    if not found:
+        return ""
+    size = sum(os.path.getsize(os.path.join(found[-1], n)) for n in os.listdir(found[-1]))
+    return (f"; the resumable checkpoint {found[-1]} stays ({size / 2**30:.3g} GiB): --resume with more --steps "
+            "continues from it, or delete it")
+
+
 def kept(out):
     """What a run that failed leaves to continue from, in words: the last good checkpoint, or none."""
     found = checkpoints(out)

@@ -265,6 +265,9 @@ def resolve(tc, hf, world):
                  ("selective" if tc.seq_len >= 2048 else "none"))
     for file in tok_files:
         check_side_file(file)
+    if tc.warmup > tc.steps:
+        notes = notes + [f"note: --warmup {tc.warmup} is longer than --steps {tc.steps}: the learning rate never reaches "
+                         f"--lr {tc.lr:g} (it ends at {tc.lr * tc.steps / tc.warmup:.3g})"]
     return tc, mcfg, tok_files, notes
 
 

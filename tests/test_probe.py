@@ -436,3 +436,22 @@ def test_a_passkey_report_of_runs_at_other_depths_names_each_rows_depths(tmp_pat
     assert "0, 0.5, 1" not in header and "\n  a: 0, 1\n" in header and "\n  b: 0.5\n" in header, header
     ev.main(["report", a, passkey_run(tmp_path, "c", [0.0, 1.0], 0.0)])  # the same depths: named once
     assert "over the key depths 0, 1 (2 keys each)" in capsys.readouterr().out
+
+
+# ---- 13. what a finished run leaves, and a warmup longer than the run, said in one line ---------------------------
+
+def test_a_finished_run_names_the_checkpoint_it_leaves(env, tmp_path, capsys):
+    train.main(TRAIN(env, tmp_path, "--save-every", "1", *CPU))
+    last = capsys.readouterr().err.splitlines()[-1]
+    step = tmp_path / "out" / "checkpoints" / "step-000001"
+    assert last.startswith(f"wrote {tmp_path / 'out'}") and f"the resumable checkpoint {step} stays" in last, last
+    gib = sum(p.stat().st_size for p in step.iterdir()) / 2**30
+    assert f"({gib:.3g} GiB)" in last
+    train.main(TRAIN(env, tmp_path, "--save-every", "0", *CPU, out=str(tmp_path / "none")))
+    assert "resumable" not in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_warmup_longer_than_the_run_is_said(env, tmp_path, capsys):
+    train.main(TRAIN(env, tmp_path, "--steps", "2", "--warmup", "20", "--lr", "1e-3", "--save-every", "0", *CPU))
+    out = capsys.readouterr().out
+    assert "--warmup 20 is longer than --steps 2" in out and "ends at 0.0001" in out, out  # lr * 2 / 20

@@ -95,7 +95,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or \
+                not action.option_strings:  # `is`: a default of 0 is shown (0 == False)
             return text
         return text + " (default: %(default)s)"
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -43,7 +44,7 @@ def arg(default, help, type=None, choices=None):
 
 @dataclass
 class TrainConfig:
-    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch'", str)
+    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch' (--model: the same)", str)
     data: str = arg(None, "dataset directory written by data/prepare.py", str)
     out: str = arg("out", "output directory: HF checkpoint, metrics.jsonl, checkpoints/")
     # which RoPE method, over which original context L
@@ -65,8 +66,8 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
     seed: int = arg(0, "seed of the data order and of a scratch model's weights")
     # engine
-    device: str = arg("auto", "cuda (one GPU per process) or cpu; auto: cuda if there is one", str,
-                      ("auto", "cuda", "cpu"))
+    device: str = arg("auto", "cuda (one GPU per process; cuda:N: GPU N, for one process) or cpu; auto: cuda if there "
+                              "is one", str)
     dtype: str = arg("auto", "compute dtype: bf16 or fp32 (also bfloat16, float32); auto is bf16 on CUDA, fp32 "
                              "on CPU (default: auto)", dtype_flag)
     activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
@@ -129,9 +130,9 @@ def parse_args(argv, description=None):
             kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
             if kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-            else:
-                group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
-                                   help=f.metadata["help"])
+            else:  # --init is --model too, as sample.py and eval.py call a checkpoint
+                group.add_argument(flag, *(["--model"] if f.name == "init" else []), type=kind, default=f.default,
+                                   choices=f.metadata["choices"], help=f.metadata["help"])
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -222,6 +223,11 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device):
+        raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {tc.device!r}")
+    if ":" in tc.device and "WORLD_SIZE" in os.environ:
+        raise UserError(f"--device {tc.device}: under torchrun each process takes the GPU of its LOCAL_RANK: give "
+                        "--device cuda")
     if (tc.gpus is not None or tc.gpu_memory is not None) and not tc.dry_run:
         raise UserError("--gpus and --gpu-memory plan a run elsewhere: give them with --dry-run (a real run plans for "
                         "the GPUs it has)")

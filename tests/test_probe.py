@@ -455,3 +455,47 @@ def test_a_warmup_longer_than_the_run_is_said(env, tmp_path, capsys):
     train.main(TRAIN(env, tmp_path, "--steps", "2", "--warmup", "20", "--lr", "1e-3", "--save-every", "0", *CPU))
     out = capsys.readouterr().out
     assert "--warmup 20 is longer than --steps 2" in out and "ends at 0.0001" in out, out  # lr * 2 / 20
+
+
+# ---- 14. one flag vocabulary: --model, --device cuda:N, every default shown, the tasks listed --------------------
+
+def test_train_takes_model_as_init(env, tmp_path):
+    args = TRAIN(env, tmp_path, "--save-every", "0", *CPU)
+    args[args.index("--init")] = "--model"
+    train.main(args)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU machine's answer")
+def test_train_reads_device_cuda_n_as_the_other_commands_do(env, tmp_path, capsys):
+    err = one_line_exit_2("train", TRAIN(env, tmp_path, "--device", "cuda:0"), capsys)
+    assert "no CUDA device" in err, err  # not "invalid choice": the flag is understood
+    err = one_line_exit_2("train", TRAIN(env, tmp_path, "--device", "gpu"), capsys)
+    assert "--device must be auto, cuda, cuda:N or cpu" in err, err
+
+
+def help_text(command, *sub):
+    import subprocess
+    script = {"train": "train.py", "eval": "eval.py", "prepare": "data/prepare.py"}[command]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *sub, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize("command, sub, shown", [
+    ("train", (), ["--seed SEED seed of the data order and of a scratch model's weights (default: 0)",
+                   "(0: only at the end) (default: 0)"]),
+    ("eval", ("passkey",), ["seed of the keys (default: 0)", "(default: 0,0.25,0.5,0.75,1)"]),
+    ("prepare", (), ["seed of the train/val shuffle and of tokenizer training (default: 0)"]),
+])
+def test_help_shows_the_defaults_that_are_zero(command, sub, shown):
+    text = help_text(command, *sub)
+    for s in shown:
+        assert s in text, text
+    assert "[0.0" not in text
+
+
+def test_eval_without_a_task_lists_the_tasks(capsys):
+    err = one_line_exit_2("eval", [], capsys)
+    assert "ppl" in err and "passkey" in err and "report" in err, err

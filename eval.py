@@ -23,7 +23,7 @@ The checkpoint is loaded once and only its RoPE tables are swapped between metho
 
 --data is a .bin split written by data/prepare.py (its meta.json gives the dtype and the documents),
 or text: .txt files, directories of them, .jsonl or .parquet files (as data/prepare.py reads them), one
-document each, tokenized with the model's tokenizer. BOS is prepended when the tokenizer has one.
+document each, tokenized with the model's tokenizer. BOS is prepended where the tokenizer adds one.
 
 ppl follows the paper's protocol: the same documents at every length, those with at least as many tokens
 as the longest length (the first --max-docs of them; the paper takes ten Proof-pile documents of 128k

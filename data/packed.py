@@ -28,6 +28,8 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -169,9 +171,11 @@ def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
     """Tokenize docs in order, EOS after each, appended to one flat .bin file; a document of fewer than
     min_tokens tokens (EOS not counted) is left out."""
     starts_ends, names, n = [], [], 0
+    plain = PlainProgress(desc, len(docs))  # no terminal (a batch job's log): a line a minute instead of the bar
     with new_file(path, "wb") as f:  # a temporary name until the last document is in
         # disable=None: no bar when not a terminal
         for name, ids in tqdm(tokenized(docs, tok, workers), total=len(docs), desc=desc, unit="doc", disable=None):
+            plain.update(len(ids))
             if len(ids) < min_tokens:
                 continue
             np.append(ids, tok.eos_id).astype(dtype).tofile(f)
@@ -179,6 +183,23 @@ def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
             names.append(name)
             n += len(ids) + 1
     return {"tokens": n, "docs": starts_ends, "names": names}
+
+
+class PlainProgress:
+    """Where tqdm draws no bar (stderr is no terminal: a batch job's log), a line every `seconds`: documents
+    done and tokens, so a log file shows a long run moving."""
+
+    def __init__(self, desc, total, seconds=60.0):
+        self.desc, self.total, self.seconds = desc, total, seconds
+        self.on = not sys.stderr.isatty()
+        self.done, self.tokens, self.last = 0, 0, time.monotonic()
+
+    def update(self, tokens):
+        self.done, self.tokens = self.done + 1, self.tokens + tokens
+        if self.on and time.monotonic() - self.last >= self.seconds:
+            print(f"{self.desc}: {self.done:,}/{self.total:,} documents, {self.tokens:,} tokens", file=sys.stderr,
+                  flush=True)
+            self.last = time.monotonic()
 
 
 CHUNK_CHARS = 1 << 20  # a worker's task: about 250k tokens, a fraction of a second, so the hand-offs cost little

@@ -208,6 +208,9 @@ def rope_config(base, method="model", factor=None, target_len=None, L=None):
         return base.replace(method="none", factor=1.0, **fresh)
     if factor is None:
         factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
+        if method not in DYNAMIC_METHODS and factor == 1.0:  # the lengths fit in L: the method changes nothing
+            note(f"note: --rope {method} without a factor: s = the longest length / L = 1 (every length fits in "
+                 f"L={L}), which is plain RoPE; give {method}:S (or --rope-factor S) for another s")
     return checked(base.replace, method=method, factor=float(factor), **fresh)
 
 

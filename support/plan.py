@@ -152,7 +152,8 @@ class Plan:
                  f"{r.original_max_position_embeddings}, {self.seq_len}-token sequences, activation checkpointing "
                  f"{self.mode}, {where}",
                  f"  memory per {self.device} (estimate{'' if self.memory is None else f'; it has {self.memory / GIB:.0f} GiB'}):"]
-        lines += [f"    {name:<52}{size / GIB:8.2f} GiB" for name, size in self.parts.items()]
+        lines += [f"    {name if self.gpus > 1 else name.replace(', sharded', ''):<52}{size / GIB:8.2f} GiB"  # one: whole
+                  for name, size in self.parts.items()]
         verdict = "" if self.memory is None else (
             f"  fits ({FITS:.0%} of {self.memory / GIB:.0f} GiB)" if self.fits
             else f"  does NOT fit ({FITS:.0%} of {self.memory / GIB:.0f} GiB)")

@@ -144,12 +144,11 @@ def check(tc, env):
     if not tc.init or not (tc.data or tc.dry_run and tc.init != "scratch"):
         raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
     check_flags(tc)
-    if not tc.dry_run:
-        check_writable(tc.out, "--out")
+    check_writable(tc.out, "--out")  # a dry run too: what the real run would refuse, said before it is queued
     hf = read_config(tc.init) if tc.init != "scratch" else None  # config.json, read once: handed down from here
     tc, mcfg, tok_files, notes = resolve(tc, hf, tc.gpus or env.world)
+    rundir.check_out(tc)
     if not tc.dry_run:
-        rundir.check_out(tc)
         rundir.check_resume(tc)
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda, but torch sees no CUDA device")

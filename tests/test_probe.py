@@ -565,3 +565,72 @@ def test_shakespeare_prepare_takes_a_small_archive(tmp_path, capsys):
     shakespeare().main(["--raw", archive(tmp_path), "--out", str(tmp_path / "out"), "--vocab-size", "300",
                         "--heldout", "1"])
     assert "1 plays" in capsys.readouterr().out
+
+
+# ---- 15. nits: what a run says of itself, in a terminal or in a log ---------------------------------------------
+
+def test_the_summary_names_compilation_only_with_compile(env, tmp_path, capsys):
+    train.main(TRAIN(env, tmp_path, "--steps", "3", "--save-every", "0", *CPU))
+    err = capsys.readouterr().err
+    assert "(warm-up)" in err and "compilation" not in err, err
+
+
+def test_the_eta_leaves_out_the_first_step(monkeypatch, capsys):
+    """A first step of 100 s (compilation), then 1 s a step: the ETA at step 3 of 10 is 7 s, not 7 x 50.5 s."""
+    import types
+    from support import progress
+    clock = iter([0.0, 100.0, 101.0, 102.0])  # Progress(), the first step's line, the second's, the third's
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    tc = types.SimpleNamespace(out="unused", steps=10, batch_size=1, seq_len=64, log_every=1, log_seconds=1e9,
+                               compile=False)
+    env = types.SimpleNamespace(master=True, device=__import__("torch").device("cpu"), world=1)
+    p = progress.Progress(tc, env, 0, 1.0, None)
+    p.plain = True
+    for step in (1, 2, 3):
+        p.line({"step": step, "loss": 1.0, "tokens_per_s": 64.0})
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("ETA 0:00:07"), last
+
+
+def test_prepare_and_passkey_say_how_far_they_are_in_a_log(env, tmp_path, capsys, monkeypatch):
+    from data import packed
+    from data.prepare import main as prepare
+    ticks = iter(range(0, 10**6, 100))  # a minute passes between any two documents
+    monkeypatch.setattr(packed.time, "monotonic", lambda: next(ticks))
+    prepare(["--input", str(env.root / "corpus"), "--out", str(tmp_path / "d"), "--tokenizer", env.ckpt])
+    assert "train: 1/" in capsys.readouterr().err
+    ev.main(["passkey", "--model", env.ckpt, "--lengths", "256", "--depths", "0.5", "--trials", "1", *CPU])
+    assert "passkey @ 256: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, message", [("a-file", "is a file"), ("notes", "not the output of a train.py run")])
+def test_a_dry_run_checks_out(env, tmp_path, capsys, out, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("x")
+    err = one_line_exit_2("train", TRAIN(env, tmp_path, "--dry-run", *CPU, out=str(tmp_path / out)), capsys)
+    assert message in err, err
+
+
+def test_a_static_method_without_a_factor_that_changes_nothing_is_said(env, capsys):
+    ev.main(PPL(env, "--rope", "yarn", *CPU))
+    assert "--rope yarn without a factor: s = the longest length / L = 1" in capsys.readouterr().err
+
+
+def test_datasets_prepared_under_data_are_ignored_by_git():
+    import subprocess
+    if not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    names = ["data/pg19/meta.json", "data/pg19/tokenizer.json", "data/proofpile/tokenizer_config.json"]
+    r = subprocess.run(["git", "-C", ROOT, "check-ignore", *names], capture_output=True, text=True)
+    assert r.stdout.split() == names, r.stdout
+    r = subprocess.run(["git", "-C", ROOT, "check-ignore", "data/shakespeare/prepare.py"], capture_output=True)
+    assert r.returncode == 1  # the demo's command stays tracked
+
+
+def test_the_plan_of_one_process_says_nothing_is_sharded(env, tmp_path, capsys):
+    train.main(TRAIN(env, tmp_path, "--dry-run", *CPU))
+    plan = capsys.readouterr().out
+    assert "weights (fp32)" in plan and "sharded" not in plan, plan
+    train.main(TRAIN(env, tmp_path, "--dry-run", "--gpus", "2", "--gpu-memory", "80", *CPU) + ["--batch-size", "2"])
+    assert "weights (fp32, sharded)" in capsys.readouterr().out

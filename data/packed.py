@@ -260,10 +260,7 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
     swapped in when complete (publish.new_dir): a dataset that was there stays whole until then."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
-        try:
-            model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
-        except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
-            raise ValueError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
+        model = trained_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
     else:
         tok = load_tokenizer(tokenizer)  # its BOS and EOS ids inside its vocabulary (load_tokenizer checks)
         if tok.eos_id < 0:
@@ -296,6 +293,15 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
         with new_file(os.path.join(tmp, "meta.json")) as f:
             f.write(json.dumps(meta))  # compact, not write_json's indented form: docs holds two offsets a document
     return meta
+
+
+def trained_tokenizer(docs, vocab_size, seed):
+    """train_tokenizer, with sentencepiece's refusal (a vocabulary too small or too large for the corpus) as a
+    ValueError that says the training failed; nothing else is called a failed training."""
+    try:
+        return train_tokenizer(docs, vocab_size, seed)
+    except RuntimeError as e:
+        raise ValueError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
 
 
 DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",

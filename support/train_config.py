@@ -222,11 +222,7 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device):
-        raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {tc.device!r}")
-    if ":" in tc.device and "WORLD_SIZE" in os.environ:
-        raise UserError(f"--device {tc.device}: under torchrun each process takes the GPU of its LOCAL_RANK: give "
-                        "--device cuda")
+    check_device(tc.device)
     if (tc.gpus is not None or tc.gpu_memory is not None) and not tc.dry_run:
         raise UserError("--gpus and --gpu-memory plan a run elsewhere: give them with --dry-run (a real run plans for "
                         "the GPUs it has)")
@@ -235,6 +231,15 @@ def check_flags(tc):
                         "(the paper's), or fp32")
     if tc.yarn_scale is not None and (tc.rope not in (None, "yarn") or tc.rope_factor not in (None, tc.yarn_scale)):
         raise UserError("--yarn-scale S means --rope yarn --rope-factor S: give one or the other")
+
+
+def check_device(device):
+    """auto, cpu, cuda, or cuda:N for one process (as sample.py and eval.py take it)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {device!r}")
+    if ":" in device and "WORLD_SIZE" in os.environ:
+        raise UserError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK: give "
+                        "--device cuda")
 
 
 def resolve(tc, hf, world):

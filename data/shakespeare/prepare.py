@@ -138,7 +138,7 @@ def main(argv=None):
         run(argv)
 
 
-def run(argv):
+def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory (default: data/shakespeare/out)")
     p.add_argument("--vocab-size", type=int, default=2048, help="size of the sentencepiece BPE vocabulary to train")
@@ -151,7 +151,11 @@ def run(argv):
     if args.vocab_size < 1 or args.heldout < 0 or args.passkey_docs < 0:
         raise UserError(f"--vocab-size must be >= 1, --heldout and --passkey-docs >= 0, got {args.vocab_size}, "
                         f"{args.heldout} and {args.passkey_docs}")
+    return args
 
+
+def run(argv):
+    args = parse_args(argv)
     try:  # --out is new, empty or a dataset of ours
         check_out(args.out, [])
     except ValueError as e:

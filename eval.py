@@ -26,7 +26,7 @@ The checkpoint is loaded once and only its RoPE tables are swapped between metho
 
 --data is a .bin split written by data/prepare.py (its meta.json gives the dtype and the documents),
 or text: .txt files, directories of them, .jsonl or .parquet files (as data/prepare.py reads them), one
-document each, tokenized with the model's tokenizer. BOS is prepended when the tokenizer has one.
+document each, tokenized with the model's tokenizer. BOS is prepended where the tokenizer adds one.
 
 ppl follows the paper's protocol: the same documents at every length, those with at least as many tokens
 as the longest length (the first --max-docs of them; the paper takes ten Proof-pile documents of 128k
@@ -208,7 +208,7 @@ def parse_args(argv):
                         help="where to save the plot: .png, .svg or .pdf (default: the --json path with .png)")
     add_engine_flags(common.add_argument_group("engine"), what="weights")
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    sub = p.add_subparsers(dest="task", required=True)
+    sub = p.add_subparsers(dest="task", required=True, metavar="ppl|passkey|report")
     pp = sub.add_parser("ppl", parents=[common], help="perplexity against context length")
     pp = pp.add_argument_group("documents and windows")
     pp.add_argument("--data", nargs="+", required=True, metavar="PATH",
@@ -228,7 +228,7 @@ def parse_args(argv):
     pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per length and depth, with "
                         "the prompt of Mohtashami & Jaggi (2023) that the YaRN paper uses")
     pk = pk.add_argument_group("keys")
-    pk.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    pk.add_argument("--depths", type=float_list, default="0,0.25,0.5,0.75,1",
                     help="comma-separated depths of the key line in the filler, 0 = start, 1 = end")
     pk.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys")

@@ -37,6 +37,7 @@ together. What guards it lives beside it, in support/: train_config.py (the flag
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -248,7 +249,7 @@ def save(model, optimizer, tc, step, env, progress):
         rundir.save_state(model, optimizer, tc, step, env)
     except OSError as e:
         progress.bar.close()
-        raise UserError(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}")
+        raise UserError(f"cannot write a checkpoint in {tc.out}: {e.strerror or e}; {rundir.kept(tc.out)}")
 
 
 # ---- 4) the Hugging Face checkpoint -----------------------------------------------------------------
@@ -273,7 +274,8 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
         widen_tokenizer_config(os.path.join(staged, "tokenizer_config.json"), mcfg.context_length)
         rundir.publish_export(tc.out)
     except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
-        raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; the resumable checkpoints in {tc.out} are kept")
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; nothing exported; {rundir.kept(tc.out)}")
 
 
 def layout(plan, tc, env, start):
@@ -327,8 +329,8 @@ def run(argv, cleanup):
         export(model, mcfg, tc, tok_files, save_dtype, env)                  # 7) the Hugging Face checkpoint
         if env.master:
             val_loss = log["val_loss"] if log else None
-            print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else ""),
-                  file=sys.stderr)
+            print(f"wrote {tc.out}" + (f"; final val loss {val_loss:.4f}" if val_loss is not None else "") +
+                  rundir.left_behind(tc.out), file=sys.stderr)
     if dist.is_initialized():
         distributed.finish()                                # every rank done: the process group ends
     return 128 + signal.SIGTERM if stopped else 0

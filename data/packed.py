@@ -28,11 +28,14 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
 
 from support.common import UserError
+from support.jsonfile import loads, read_json
 from data.tokenizer import load_tokenizer, train_tokenizer
 from support.publish import copy_file, new_dir, new_file
 
@@ -48,6 +51,8 @@ def read_text(path):
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:  # a dangling symbolic link, a file unreadable to us
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_jsonl_line(path, offset, lineno, text_key):
@@ -55,7 +60,7 @@ def read_jsonl_line(path, offset, lineno, text_key):
         f.seek(offset)
         line = f.readline()
     try:
-        text = json.loads(line)[text_key]
+        text = loads(line, f"{path}:{lineno}")[text_key]
     except (ValueError, TypeError, KeyError):  # bad JSON, not an object, or no such key
         raise UserError(f"{path}:{lineno}: expected a JSON object with a string under {text_key!r}")
     return string(text, f"{path}:{lineno}", text_key)
@@ -64,6 +69,11 @@ def read_jsonl_line(path, offset, lineno, text_key):
 def string(text, name, text_key):
     if not isinstance(text, str):  # a number or a list in JSON; a null or bytes in parquet
         raise UserError(f"{name}: {text_key!r} is not a string")
+    try:  # JSON's "\ud800" is a lone surrogate: a str Python holds, but no text a tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{name}: {text_key!r} holds {text[e.start]!r} at character {e.start}, a lone surrogate: "
+                        "not Unicode text") from None
     return text
 
 
@@ -161,9 +171,11 @@ def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
     """Tokenize docs in order, EOS after each, appended to one flat .bin file; a document of fewer than
     min_tokens tokens (EOS not counted) is left out."""
     starts_ends, names, n = [], [], 0
+    plain = PlainProgress(desc, len(docs))  # no terminal (a batch job's log): a line a minute instead of the bar
     with new_file(path, "wb") as f:  # a temporary name until the last document is in
         # disable=None: no bar when not a terminal
         for name, ids in tqdm(tokenized(docs, tok, workers), total=len(docs), desc=desc, unit="doc", disable=None):
+            plain.update(len(ids))
             if len(ids) < min_tokens:
                 continue
             np.append(ids, tok.eos_id).astype(dtype).tofile(f)
@@ -171,6 +183,23 @@ def write_split(docs, tok, path, dtype, desc, min_tokens=0, workers=1):
             names.append(name)
             n += len(ids) + 1
     return {"tokens": n, "docs": starts_ends, "names": names}
+
+
+class PlainProgress:
+    """Where tqdm draws no bar (stderr is no terminal: a batch job's log), a line every `seconds`: documents
+    done and tokens, so a log file shows a long run moving."""
+
+    def __init__(self, desc, total, seconds=60.0):
+        self.desc, self.total, self.seconds = desc, total, seconds
+        self.on = not sys.stderr.isatty()
+        self.done, self.tokens, self.last = 0, 0, time.monotonic()
+
+    def update(self, tokens):
+        self.done, self.tokens = self.done + 1, self.tokens + tokens
+        if self.on and time.monotonic() - self.last >= self.seconds:
+            print(f"{self.desc}: {self.done:,}/{self.total:,} documents, {self.tokens:,} tokens", file=sys.stderr,
+                  flush=True)
+            self.last = time.monotonic()
 
 
 CHUNK_CHARS = 1 << 20  # a worker's task: about 250k tokens, a fraction of a second, so the hand-offs cost little
@@ -231,9 +260,9 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
     swapped in when complete (publish.new_dir): a dataset that was there stays whole until then."""
     # 1) the tokenizer first: a bad path or a failed training leaves out as it was
     if tokenizer is None:
-        model = train_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
+        model = trained_tokenizer(train_docs, vocab_size, seed)  # on the training documents only
     else:
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)  # its BOS and EOS ids inside its vocabulary (load_tokenizer checks)
         if tok.eos_id < 0:
             raise ValueError(f"{tokenizer} has no EOS token, so document ends cannot be marked")
     with new_dir(out) as tmp:
@@ -266,6 +295,15 @@ def prepare(out, train_docs, val_docs, tokenizer=None, vocab_size=None, seed=0, 
     return meta
 
 
+def trained_tokenizer(docs, vocab_size, seed):
+    """train_tokenizer, with sentencepiece's refusal (a vocabulary too small or too large for the corpus) as a
+    ValueError that says the training failed; nothing else is called a failed training."""
+    try:
+        return train_tokenizer(docs, vocab_size, seed)
+    except RuntimeError as e:
+        raise ValueError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
+
+
 DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                  "heldout")
 
@@ -274,9 +312,9 @@ def check_out(out, inputs):
     """--out of a command that writes a dataset: new, empty, or a dataset of ours (a meta.json, and nothing
     but what prepare writes: an earlier run's), and none of the command's `inputs` inside it. Raises
     ValueError, the one line for the user."""
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)  # through symbolic links: an input reached by a link into --out is inside it
     for path in inputs:
-        path = os.path.abspath(path)
+        path = os.path.realpath(path)
         if os.path.commonpath([path, out]) == out:
             raise ValueError(f"--input {path} is inside --out {out}: writing the dataset there would replace it")
     if not os.path.exists(out):
@@ -310,8 +348,7 @@ def read_meta(dir):
         raise ValueError(f"--data {dir} is a file: give the directory written by data/prepare.py")
     path = os.path.join(dir, "meta.json")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run data/prepare.py first") from None
     except (OSError, ValueError) as e:

@@ -27,6 +27,7 @@ asks is never seen in training:
 
 import random
 import re
+import sys
 
 from tqdm import tqdm
 
@@ -100,6 +101,9 @@ def passkey_accuracy(model, tokenizer, lengths, depths, trials, seed=0):
                     correct += first_integer(tokenizer.decode(new)) == key
                     bar.update()
                 results[length][depth] = correct / trials
+            if not sys.stderr.isatty():  # a batch job's log, where no bar is drawn: a line a length
+                print(f"passkey @ {length}: {sum(results[length].values()) / len(depths):.0%} over {len(depths)} "
+                      f"depths x {trials} keys", file=sys.stderr, flush=True)
     model.cache = None
     return results
 

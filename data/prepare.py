@@ -57,11 +57,7 @@ def run(argv):
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenize in N processes (default 1); the files are the same, byte for byte")
     args = p.parse_args(argv)
-
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.min_tokens < 0 or args.workers < 1:
-        raise UserError(f"--min-tokens must be >= 0 and --workers >= 1, got {args.min_tokens} and {args.workers}")
+    check_ranges(args)
     try:  # before any work: --out is new, empty or a dataset of ours, and holds no input
         check_out(args.out, args.input)
     except ValueError as e:
@@ -71,10 +67,8 @@ def run(argv):
     try:
         meta = prepare(args.out, train, val, args.tokenizer, args.train_tokenizer, args.seed, args.min_tokens,
                        args.workers)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # a failed tokenizer training too (data/packed.py says so)
         raise UserError(str(e))
-    except RuntimeError as e:  # sentencepiece refuses a vocabulary too small or too large for the corpus
-        raise UserError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
     except OSError as e:  # --out is a file or read-only, the disk is full: meta.json is not (re)written
         raise UserError(f"cannot write {args.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
     kept_train, kept_val = len(meta["train"]["names"]), len(meta["val"]["names"])
@@ -83,6 +77,15 @@ def run(argv):
               f"val docs of fewer tokens")
     print(f"{args.out}: {kept_train} train docs, {meta['train']['tokens']:,} tokens; "
           f"{kept_val} val docs, {meta['val']['tokens']:,} tokens; vocab {meta['vocab_size']} ({meta['dtype']})")
+
+
+def check_ranges(args):
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 <= args.seed < 2**32:  # sentencepiece's seed is an unsigned 32-bit integer
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if args.min_tokens < 0 or args.workers < 1:
+        raise UserError(f"--min-tokens must be >= 0 and --workers >= 1, got {args.min_tokens} and {args.workers}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,19 @@ on one's own documents, in the manner of Llama 2's.
     model = train_tokenizer(docs, 4096)             # docs: (name, load) pairs; returns the tokenizer.model bytes
 
 What guards it: a missing tokenizer is a FileNotFoundError, a file that is not one a ValueError naming it
-(commands turn both into one line); the BOS and EOS ids of a tokenizer.json come from the checkpoint's
-configs, else from well-known tokens (special_id), else -1 (none); and a tokenizer whose
-tokenizer_config.json says it adds no BOS (Qwen's) has none (adds_bos), whatever config.json names.
+(commands turn both into one line); a BOS goes before a text only where the tokenizer itself puts one,
+as transformers does: tokenizer_config.json's add_bos_token (or a null bos_token: Qwen's) when it says, else
+a tokenizer.json's post-processor (template_bos; SmolLM2's adds none, whatever config.json names), else a
+sentencepiece model's BOS; the EOS id of a tokenizer.json comes from the checkpoint's configs, else from
+well-known tokens (special_id), else -1 (none).
 """
 
 import io
-import json
 import os
 
 import sentencepiece as spm
+
+from support.jsonfile import TOKENIZER_CONFIG_TYPES, read_json
 
 # Special tokens to try, in order, when a tokenizer.json comes without a config that names them.
 BOS_TOKENS = ["<s>", "<|begin_of_text|>"]
@@ -63,7 +66,8 @@ def load_tokenizer(path):
             sp.load(path)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a sentencepiece model ({e})") from None
-        return Tokenizer(sp, sp.get_piece_size(), sp.bos_id(), sp.eos_id(), [path])
+        bos_id = sp.bos_id() if adds_bos(os.path.dirname(path)) is not False else -1
+        return Tokenizer(sp, sp.get_piece_size(), bos_id, sp.eos_id(), [path])
     if path.endswith(".json"):
         return load_hf_tokenizer(path)
     raise ValueError(f"{path}: expected a tokenizer.model, a tokenizer.json or a directory")
@@ -79,7 +83,11 @@ def load_hf_tokenizer(path):
     except Exception as e:  # the Rust side raises a bare Exception on bad files
         raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e})") from None
     folder = os.path.dirname(path)
-    bos_id = special_id(tok, folder, "bos", BOS_TOKENS) if adds_bos(folder) else -1
+    added, says = template_bos(tok), adds_bos(folder)
+    if says is None:  # tokenizer_config.json says nothing: what the tokenizer's own post-processor adds
+        bos_id = added
+    else:
+        bos_id = (added if added >= 0 else special_id(tok, folder, "bos", BOS_TOKENS)) if says else -1
     eos_id = special_id(tok, folder, "eos", EOS_TOKENS)
     files = [path]
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
@@ -87,33 +95,42 @@ def load_hf_tokenizer(path):
     return Tokenizer(tok, tok.get_vocab_size(with_added_tokens=True), bos_id, eos_id, files)
 
 
+def template_bos(tok):
+    """The id a tokenizer.json's own post-processor puts before every text (a BOS template: Llama 2 and 3,
+    Mistral), or -1 where it adds none (SmolLM2, Qwen, GPT-2: config.json may still name a bos_token_id).
+    Read from what it does, encoding a text with its special tokens and without, whatever the template's form."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    return full[0] if len(full) > len(bare) and full[1:1 + len(bare)] == bare else -1
+
+
 def adds_bos(folder):
-    """Whether transformers puts a BOS before the text with this tokenizer: tokenizer_config.json decides
-    when it says (add_bos_token, or a bos_token of null: Qwen2.5 and Qwen3, whose config.json still names
-    a bos_token_id that their tokenizer never adds)."""
+    """Whether tokenizer_config.json says that a BOS goes before the text: add_bos_token, or a bos_token of
+    null (Qwen2.5 and Qwen3, whose config.json still names a bos_token_id that their tokenizer never adds);
+    None where it says nothing (the tokenizer itself then decides: a sentencepiece model adds BOS, as
+    transformers' LlamaTokenizer does, a tokenizer.json what its post-processor adds)."""
     try:
-        with open(os.path.join(folder, "tokenizer_config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return True
-    if not isinstance(cfg, dict):
-        return True
+        cfg = read_json(os.path.join(folder, "tokenizer_config.json"), TOKENIZER_CONFIG_TYPES)
+    except OSError:
+        return None
     if isinstance(cfg.get("add_bos_token"), bool):
         return cfg["add_bos_token"]
-    return not ("bos_token" in cfg and cfg["bos_token"] is None)
+    return False if "bos_token" in cfg and cfg["bos_token"] is None else None
 
 
 def special_id(tok, folder, kind, candidates):
     """BOS or EOS id of a tokenizer.json: the checkpoint's configs first, then well-known tokens."""
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         try:
-            with open(os.path.join(folder, name)) as f:
-                cfg = json.load(f)
-        except (OSError, ValueError):
+            cfg = read_json(os.path.join(folder, name), TOKENIZER_CONFIG_TYPES)  # a file we cannot use: one line
+        except OSError:
             continue
         value = cfg.get(f"{kind}_token_id")
         if isinstance(value, list) and value:  # Llama 3.1 instruct lists several EOS ids; the first is the base one
             value = value[0]
+        if isinstance(value, int) and not 0 <= value < tok.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"{os.path.join(folder, name)}: {kind}_token_id {value} is outside the vocabulary of "
+                             f"{tok.get_vocab_size(with_added_tokens=True)} tokens of its tokenizer.json")
         if isinstance(value, int):
             return value
         token = cfg.get(f"{kind}_token")  # tokenizer_config.json names the token, as a string or {"content": ...}

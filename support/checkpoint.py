@@ -14,7 +14,6 @@ Both Llama.from_pretrained and train.py's sharded loading read weights through r
 stream, one set of checks and messages. Every problem is a CheckpointError, one line for the user.
 """
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,8 @@ import shutil
 import torch
 
 from support.common import UserError, note
-from support.publish import new_dir, write_json
+from support.jsonfile import CONFIG_TYPES, JSONFileError, read_json
+from support.publish import new_dir, save_tensors, write_json
 
 
 class CheckpointError(UserError, ValueError):
@@ -38,13 +38,11 @@ def read_config(path):
     if not os.path.isfile(file):
         raise CheckpointError(f"no config.json in {path}")
     try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt config.json in {path}: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"corrupt config.json in {path}: not a JSON object")
-    return hf
+        return read_json(file, CONFIG_TYPES)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+    except JSONFileError as e:  # "FILE: why" or "FILE is not valid JSON (why)"
+        raise CheckpointError(f"corrupt config.json in {path}: {str(e).removeprefix(file).lstrip(': ')}") from None
 
 
 def weight_files(path):
@@ -53,8 +51,7 @@ def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index, {"weight_map": (dict,)})["weight_map"]
             names = list(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {index}: {e}") from None
@@ -146,7 +143,6 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     above max_shard_bytes, and copies of `extra_files` (a tokenizer), into a directory staged beside
     `path` and then swapped in (publish.new_dir): a crash never leaves a half-written checkpoint, and an
     existing one is only replaced by a complete one."""
-    from safetensors.torch import save_file
     shards, size = [[]], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -159,13 +155,13 @@ def save(path, state, config_json, max_shard_bytes=5 * 2**30, extra_files=()):
     check_replaceable(path)
     with new_dir(path) as tmp:
         if len(shards) == 1:
-            save_file({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
+            save_tensors({n: state[n] for n in shards[0]}, os.path.join(tmp, "model.safetensors"),
+                         metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, names in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+                save_tensors({n: state[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in names})
             total = sum(t.numel() * t.element_size() for t in state.values())
             write_json(os.path.join(tmp, "model.safetensors.index.json"),

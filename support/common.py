@@ -19,9 +19,10 @@ import sys
 
 import torch
 
+import rope
 from rope import DYNAMIC_METHODS, METHODS
 
-MAX_POSITIONS = 2**24  # RoPE positions are fp32: exact integers up to 2^24
+MAX_POSITIONS = rope.MAX_POSITIONS  # RoPE positions are fp32: exact integers up to 2^24 (rope.py's bound)
 
 
 class UserError(Exception):
@@ -94,7 +95,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or \
+                not action.option_strings:  # `is`: a default of 0 is shown (0 == False)
             return text
         return text + " (default: %(default)s)"
 
@@ -206,6 +208,9 @@ def rope_config(base, method="model", factor=None, target_len=None, L=None):
         return base.replace(method="none", factor=1.0, **fresh)
     if factor is None:
         factor = 1.0 if method in DYNAMIC_METHODS or target_len is None else max(1.0, target_len / L)
+        if method not in DYNAMIC_METHODS and factor == 1.0:  # the lengths fit in L: the method changes nothing
+            note(f"note: --rope {method} without a factor: s = the longest length / L = 1 (every length fits in "
+                 f"L={L}), which is plain RoPE; give {method}:S (or --rope-factor S) for another s")
     return checked(base.replace, method=method, factor=float(factor), **fresh)
 
 

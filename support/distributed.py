@@ -36,8 +36,9 @@ class Env:
 def environment(device="auto", dtype="auto"):
     """This process's place in the job, from torchrun's variables and the --device/--dtype flags."""
     rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    index = int(device[5:]) if device[5:].isdigit() else local_rank  # cuda:N: one process on GPU N
+    dev = torch.device("cuda", index) if cuda else torch.device("cpu")
     bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
     return Env(rank, local_rank, max(world, 1), dev, bf16, fsdp="WORLD_SIZE" in os.environ or cuda)
 

@@ -7,13 +7,13 @@ config.json is user input). model.py's LlamaConfig calls these; rope.py translat
     json.dump(cfg.to_hf(torch.bfloat16), f)               # config_to_hf
 """
 
-import json
 import sys
 from dataclasses import fields, replace
 
 import torch
 
 from support.checkpoint import CheckpointError
+from support.jsonfile import read_json
 from support.publish import write_json
 from rope import RopeConfig, check_int, check_number
 
@@ -200,9 +200,8 @@ def widen_tokenizer_config(path, context):
     """tokenizer_config.json's model_max_length caps the context in vLLM (and in transformers' warnings): a
     checkpoint extended to `context` tokens says so there too, where the file says less."""
     try:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
     except (OSError, ValueError):  # none, or one transformers will complain about itself: left as it came
         return
-    if isinstance(cfg, dict) and isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < context:
+    if isinstance(cfg.get("model_max_length"), int) and cfg["model_max_length"] < context:
         write_json(path, {**cfg, "model_max_length": context})

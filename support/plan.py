@@ -211,7 +211,8 @@ class Plan:
                  f"{r.original_max_position_embeddings}, {self.seq_len}-token sequences, activation checkpointing "
                  f"{self.mode}{''.join(', ' + s for s in self.switches())}, {where}",
                  f"  memory per {self.device} (estimate{'' if self.memory is None else f'; it has {self.memory / GIB:.0f} GiB'}):"]
-        lines += self.table(self.parts, self.total, self.memory)
+        parts = {(k if self.gpus > 1 else k.replace(", sharded", "")): v for k, v in self.parts.items()}  # one: whole
+        lines += self.table(parts, self.total, self.memory)
         if self.host_parts:
             known = '' if self.host_memory is None else f'; it has {self.host_memory / GIB:.0f} GiB'
             ranks = min(self.gpus, self.gpus_per_node)

@@ -38,6 +38,7 @@ class Progress:
     def __init__(self, tc, env, start, flops_per_token, peak):
         self.out, self.env, self.steps = tc.out, env, tc.steps
         self.meter = StepMeter(tc.batch_size * tc.seq_len, env.device, env.world, flops_per_token, peak)
+        self.meter.compiled = tc.compile  # the first step's time then includes compilation
         # in a terminal a bar; in a batch job's log (no terminal) a plain line every --log-every steps or
         # --log-seconds, whichever comes first: step, loss, speed, MFU, elapsed time and ETA
         self.plain = env.master and not sys.stderr.isatty()
@@ -46,6 +47,7 @@ class Progress:
         self.every, self.seconds = tc.log_every, tc.log_seconds
         self.start, self.t0 = start, time.monotonic()
         self.last_step, self.last_time = start, self.t0
+        self.first_done = None  # when the first step (warm-up, compilation) was logged: the ETA counts from there
         self.pending = None  # the last step's metrics, still device tensors
 
     def mark(self):
@@ -84,10 +86,12 @@ class Progress:
 
     def line(self, log):
         now, step = time.monotonic(), log["step"]
+        self.first_done = self.first_done or now  # the first step's line: warm-up (and compilation) are behind
         if step - self.last_step < self.every and now - self.last_time < self.seconds and step != self.steps:
             return
         elapsed = now - self.t0
-        eta = elapsed / max(step - self.start, 1) * (self.steps - step)
+        done = step - self.start - 1  # steps since the first one
+        eta = ((now - self.first_done) / done if done > 0 else elapsed) * (self.steps - step)
         mfu = f"  MFU {log['mfu']:.1%}" if "mfu" in log else ""
         print(f"step {step}/{self.steps}  loss {log['loss']:.4f}  {log['tokens_per_s']:,.0f} tokens/s{mfu}  "
               f"elapsed {clock(elapsed)}  ETA {clock(eta)}", file=sys.stderr, flush=True)
@@ -116,6 +120,7 @@ class StepMeter:
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.cuda = device.type == "cuda"
         self.first, self.steps, self.seconds = None, 0, 0.0  # after the first step: how many, how long
+        self.compiled = False
 
     def mark(self):
         if not self.cuda:
@@ -147,4 +152,4 @@ class StepMeter:
         tokens_per_s = self.tokens * self.steps / self.seconds
         mfu = f", MFU {tokens_per_s / self.world * self.flops_per_token / self.peak:.1%}" if self.peak else ""
         return (f"{tokens_per_s:.1f} tokens/s{mfu} over the last {self.steps} steps; the first step took "
-                f"{self.first:.2f}s (warm-up, and compilation with --compile)")
+                f"{self.first:.2f}s ({'warm-up and compilation' if self.compiled else 'warm-up'})")

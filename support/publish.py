@@ -15,8 +15,10 @@ within one directory are atomic on POSIX file systems; that is the whole trick.
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -35,8 +37,9 @@ def temporary_name(path, kind="tmp"):
 @contextlib.contextmanager
 def new_file(path, mode="w"):
     """`with new_file(path) as f:` a file object on a temporary name beside `path`; when the block ends
-    the data is flushed to disk and the file renamed onto `path`. mode "w" (UTF-8 text) or "wb"."""
-    path = os.path.abspath(path)
+    the data is flushed to disk and the file renamed onto `path`. mode "w" (UTF-8 text) or "wb". A symbolic
+    link is written through: its target is replaced, the link stays."""
+    path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
@@ -46,6 +49,10 @@ def new_file(path, mode="w"):
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give the usual mode
         os.replace(tmp, path)
+    except OSError as e:  # a full disk in write() or flush() names no file: the one line names ours
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -66,6 +73,21 @@ def append_lines(path, lines):
         os.fsync(f.fileno())
 
 
+def save_tensors(tensors, path, metadata=None):
+    """safetensors' save_file, with its I/O errors as the OSError they are: a full disk is a SafetensorError
+    ("Error while serializing: I/O error: No space left on device (os error 28)"), which no `except OSError`
+    of a writer would see."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:
+        io = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(e).strip())
+        if type(e).__name__ != "SafetensorError" or not io:
+            raise
+        code = int(io.group(2)) if io.group(2) else errno.EIO
+        raise OSError(code, os.strerror(code) if io.group(2) else io.group(1), path) from None
+
+
 def copy_file(src, dst):
     with open(src, "rb") as fsrc, new_file(dst, "wb") as fdst:
         shutil.copyfileobj(fsrc, fdst)
@@ -74,8 +96,10 @@ def copy_file(src, dst):
 @contextlib.contextmanager
 def new_dir(path):
     """`with new_dir(path) as tmp:` a new directory beside `path` to write into; when the block ends it
-    is put in place of `path` (publish_dir). If the block raises, it is removed and `path` is untouched."""
-    path = os.path.abspath(path)
+    is put in place of `path` (publish_dir). If the block raises, it is removed and `path` is untouched. A
+    symbolic link to a directory (on another disk) is written through: staged beside its target, which is
+    replaced; the link stays."""
+    path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
@@ -143,6 +167,8 @@ def remove_dir(path):
 def check_writable(path, flag):
     """`path` (which may not exist yet) must be a directory we can create files in: checked before
     the work whose result goes there, not after it. Raises UserError naming `flag`."""
+    if not path:  # "" is no directory: os.makedirs("") fails only after the work
+        raise UserError(f"{flag} is empty: give a directory")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -14,7 +14,6 @@ check_run refuses JSON of another shape (report turns that into a UserError nami
 is written through publish.py. Plots need matplotlib: without it they are skipped, with a note.
 """
 
-import json
 import math
 import os
 import textwrap
@@ -22,6 +21,7 @@ import textwrap
 import numpy as np
 
 from support.common import UserError, note
+from support.jsonfile import loads
 from support.publish import check_target, new_file, write_json
 
 
@@ -179,12 +179,14 @@ def report(files, out=None):
     runs = []
     for f in files:
         try:
-            with open(f) as fh:
-                runs.append(json.load(fh))
+            with open(f, "rb") as fh:
+                runs.append(loads(fh.read(), f))
             check_run(runs[-1])
             if runs[-1]["task"] != runs[0]["task"]:
                 raise ValueError(f"not the output of eval.py {runs[0]['task']} --json, as the first file is "
                                  "(a report merges runs of one task)")
+        except UserError:  # the JSON reader's one line, naming the file
+            raise
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except ValueError as e:  # also json.JSONDecodeError
@@ -241,8 +243,8 @@ def passkey_report(runs, out):
         return f"{np.mean([row[str(d)] for d in depths if str(d) in row]):.0%}" if row else "-"
     table = markdown_table(["method \\ length"] + lengths, [[res["method"]] + [cell(res, n) for n in lengths]
                                                               for res in results])
-    print(f"passkey retrieval: accuracy at each length over the key depths {', '.join(f'{d:g}' for d in depths)}"
-          f" ({'/'.join(map(str, trials))} keys each)\n")
+    print(f"passkey retrieval: accuracy at each length over {depths_of(runs)} ({'/'.join(map(str, trials))} keys "
+          "each)\n")
     print(table)
     if out:
         for res in results:  # lengths and depths a run did not evaluate show as 0 in the heatmap
@@ -250,6 +252,16 @@ def passkey_report(runs, out):
                                for n in lengths}
         write_report(out, table, lambda png: plot_passkey(results, lengths, depths, png))
     return results
+
+
+def depths_of(runs):
+    """The key depths a passkey report's means are over: one list when every run used the same, else each
+    row's own (a mean over other depths is another number)."""
+    named = lambda ds: ", ".join(f"{d:g}" for d in ds)
+    if len({tuple(r["depths"]) for r in runs}) == 1:
+        return f"the key depths {named(runs[0]['depths'])}"
+    rows = "".join(f"\n  {res['method']}: {named(r['depths'])}" for r in runs for res in r["results"])
+    return f"the key depths of each row, which differ:{rows}\n"
 
 
 def write_report(out, table, plot):
@@ -269,6 +281,10 @@ def check_outputs(json_path=None, plot_path=None, table_path=None, inputs=()):
     flag = "--plot" if plot_path else ("--json" if json_path else "--out")
     if plot and plot_format(plot) not in PLOT_FORMATS:
         raise UserError(f"--plot {plot}: a .{plot_format(plot)} file; plots are {', '.join(PLOT_FORMATS)}")
+    for name, path in (("--json", json_path), ("--out", table_path)):  # two outputs under one name: one is lost
+        if plot and path and os.path.realpath(path) == os.path.realpath(plot):
+            raise UserError(f"{name} {path} is also where the plot goes: the plot would replace it; give {name} "
+                            f"a {'.json' if name == '--json' else '.md'} name, or --plot another file")
     if json_path:
         check_target(json_path, "--json", is_result, "a result of eval.py", inputs)
     if table_path:
@@ -280,8 +296,8 @@ def check_outputs(json_path=None, plot_path=None, table_path=None, inputs=()):
 
 def is_result(path):
     try:
-        with open(path) as f:
-            run = json.load(f)
+        with open(path, "rb") as f:
+            run = loads(f.read(), path)
     except (OSError, ValueError):
         return False
     return isinstance(run, dict) and run.get("task") in ("ppl", "passkey", "ruler") and \

@@ -15,9 +15,11 @@ for us, but its metadata is a pickle, and loading a pickle can run code.
 """
 
 import base64
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -29,8 +31,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from support import distributed
 from support.checkpoint import CHECKPOINT_FILE, CheckpointError
 from support.common import UserError
+from support.jsonfile import read_json
 from support.progress import METRICS
-from support.publish import move_into, new_file, publish_dir, remove_dir, stage_dir, write_json
+from support.publish import move_into, new_file, publish_dir, remove_dir, save_tensors, stage_dir, write_json
 
 EXPORT = ".export"  # the export, complete, before publish_export moves it into out
 STEP_DIR = re.compile(r"step-\d{6,}")  # what save_state names them, and nothing else
@@ -51,11 +54,15 @@ def check_out(tc):
                             "pick a new or empty directory")
         if tc.init != "scratch" and os.path.isdir(tc.init) and os.path.samefile(tc.init, out):
             raise UserError("--out must not be the --init checkpoint")
+    finished = os.path.isfile(os.path.join(out, "config.json"))
     if tc.resume is False and checkpoints(out):
         raise UserError(f"{out} holds checkpoints of an earlier run: add --resume, or pick another --out")
-    if tc.resume and not checkpoints(out) and os.path.isfile(os.path.join(out, "config.json")):
+    if not tc.resume and finished and not tc.overwrite:
+        raise UserError(f"--out {out} holds a finished run (its export): starting over would replace it; pick another "
+                        "--out, or add --overwrite to replace it")
+    if tc.resume and not checkpoints(out) and finished:
         raise UserError(f"--resume: nothing to resume in {out}, which holds a finished run (its export, and no "
-                        "checkpoints): starting over would replace it; pick another --out")
+                        "checkpoints): pick another --out, or give --overwrite instead of --resume to replace it")
 
 
 def claim(tc, env, cleanup):
@@ -74,6 +81,34 @@ def claim(tc, env, cleanup):
         publish_export(tc.out)
         print(f"note: finished publishing the checkpoint that an earlier run left in {tc.out}/{EXPORT}",
               file=sys.stderr)
+    cleanup.push(lambda kind, e, tb: full_disk(tc.out, e))
+
+
+def full_disk(out, e):
+    """A full disk (or quota) anywhere in the run, after --out is claimed: one line that says where the last
+    good checkpoint is, instead of the bare error (one_line_errors'). Anything else passes through."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"cannot write {e.filename or 'in ' + out}: {e.strerror}; {kept(out)}") from None
+
+
+def left_behind(out):
+    """The end of a finished run's last line: the resumable checkpoint it leaves (the size of the weights and
+    AdamW state), and what it is for; "" when there is none."""
+    found = checkpoints(out)
+    if not found:
+        return ""
+    size = sum(os.path.getsize(os.path.join(found[-1], n)) for n in os.listdir(found[-1]))
+    return (f"; the resumable checkpoint {found[-1]} stays ({size / 2**30:.3g} GiB): --resume with more --steps "
+            "continues from it, or delete it")
+
+
+def kept(out):
+    """What a run that failed leaves to continue from, in words: the last good checkpoint, or none."""
+    found = checkpoints(out)
+    if not found:
+        return "no resumable checkpoint was written"
+    return (f"the last good checkpoint is {found[-1]}: after freeing space, the same command with --resume "
+            f"continues from step {int(os.path.basename(found[-1])[5:])}")
 
 
 def lock_out(out):
@@ -175,15 +210,18 @@ def save_state(model, optimizer, tc, step, env):
     rank-R-of-W.safetensors, rank 0 the step (which is the data position and the schedule), the RNG of
     every rank and the run's flags to train_state.json. All of it into a staging directory that is renamed
     to checkpoints/step-N once complete (publish.py); the older ones go after."""
-    from safetensors.torch import save_file
     folder = os.path.join(tc.out, "checkpoints")
     tmp, final = os.path.join(folder, f".step-{step:06d}.tmp"), os.path.join(folder, f"step-{step:06d}")
     if env.master:
         stage_dir(tmp)
     distributed.barrier()
     tensors, _, _ = state_tensors(model, optimizer)
-    save_file({k: local(v) for k, v in tensors.items()},
-              os.path.join(tmp, f"rank-{env.rank:05d}-of-{env.world:05d}.safetensors"))
+    try:
+        save_tensors({k: local(v) for k, v in tensors.items()},
+                     os.path.join(tmp, f"rank-{env.rank:05d}-of-{env.world:05d}.safetensors"))
+    except OSError:  # a full disk: the half-written staging directory goes, the last good checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     rngs = gather_rng(env)
     distributed.barrier()  # every rank's file is written
     if env.master:
@@ -212,6 +250,9 @@ def gather_rng(env):
 
 RESUME_MUST_MATCH = ("init", "data", "seq_len", "batch_size", "rope", "rope_factor", "original_ctx", "seed", "lr",
                      "lr_schedule", "warmup", "weight_decay")
+# a scratch model's shape and RoPE come from flags too: the same weight shapes can be another model (4 heads of
+# 16 dims or 2 of 32), so every one of them must be the run's
+SCRATCH_MUST_MATCH = ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "rope_theta")
 
 
 def load_state(model, optimizer, tc, path, env):
@@ -237,15 +278,15 @@ def load_state(model, optimizer, tc, path, env):
 def read_train_state(path, tc):
     """train_state.json of a checkpoint, checked, and checked against this run's flags."""
     try:
-        with open(os.path.join(path, "train_state.json")) as f:
-            state = json.load(f)
+        state = read_json(os.path.join(path, "train_state.json"), {"config": (dict,), "sharded": (list,),
+                                                                   "rng": (list,)})
         step, old_world, config = state["step"], state["world"], state["config"]
         state["sharded"] = set(state["sharded"])
         if not (isinstance(step, int) and isinstance(old_world, int) and step >= 0 and old_world >= 1):
             raise ValueError("step and world must be non-negative integers")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"--resume: unreadable {path}/train_state.json ({e})") from None
-    for key in RESUME_MUST_MATCH:
+    for key in RESUME_MUST_MATCH + (SCRATCH_MUST_MATCH if tc.init == "scratch" else ()):
         if config.get(key) != getattr(tc, key):
             raise CheckpointError(f"--resume: --{key.replace('_', '-')} was {config.get(key)} in {path}, "
                                   f"now {getattr(tc, key)}")

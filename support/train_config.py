@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -29,8 +30,11 @@ from support.plan import FITS, GIB, Plan, peak_flops
 from support.publish import check_writable
 
 SEQ_MULTIPLE = 64  # flash attention works on 64/128-token tiles; a ragged tail would waste one per layer
+# every tokenizer file a Hugging Face checkpoint may carry (transformers 4.5x writes the chat template to its own
+# file, chat_template.jinja; GPT-2-style tokenizers keep vocab.json and merges.txt): the export ships each one
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,7 +44,7 @@ def arg(default, help, type=None, choices=None):
 
 @dataclass
 class TrainConfig:
-    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch'", str)
+    init: str = arg(None, "Hugging Face Llama checkpoint directory to fine-tune, or 'scratch' (--model: the same)", str)
     data: str = arg(None, "dataset directory written by data/prepare.py", str)
     out: str = arg("out", "output directory: HF checkpoint, metrics.jsonl, checkpoints/")
     # which RoPE method, over which original context L
@@ -62,8 +66,8 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
     seed: int = arg(0, "seed of the data order and of a scratch model's weights")
     # engine
-    device: str = arg("auto", "cuda (one GPU per process) or cpu; auto: cuda if there is one", str,
-                      ("auto", "cuda", "cpu"))
+    device: str = arg("auto", "cuda (one GPU per process; cuda:N: GPU N, for one process) or cpu; auto: cuda if there "
+                              "is one", str)
     dtype: str = arg("auto", "compute dtype: bf16 or fp32 (also bfloat16, float32); auto is bf16 on CUDA, fp32 "
                              "on CPU (default: auto)", dtype_flag)
     activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
@@ -86,6 +90,8 @@ class TrainConfig:
     save_every: str = arg("100", "write a resumable checkpoint every N steps, or every N minutes with Nm (30m) or "
                                  "hours with Nh; 0: never (SIGTERM still writes one)", str)
     resume: bool = arg(False, "continue from the last checkpoint in --out")
+    overwrite: bool = arg(False, "start over in the --out of a finished run, replacing its export and metrics.jsonl "
+                                 "(without it such an --out is refused: it holds the run's result)")
     eval_every: int = arg(0, "validation loss every N steps (0: only at the end)")
     eval_blocks: int = arg(8, "validation sequences per evaluation")
     log_every: int = arg(10, "without a terminal (a batch job's log): a progress line every N steps, or every "
@@ -122,7 +128,7 @@ GROUPS = {
                                           "weight_decay", "grad_clip", "seed"),
     "engine": ("device", "dtype", "activation_checkpointing", "cp", "compile"),
     "memory for time, past 64k tokens": ("tile_mlp", "offload_checkpoints", "cpu_offload"),
-    "checkpoints and logging": ("save_every", "resume", "eval_every", "eval_blocks", "log_every", "log_seconds"),
+    "checkpoints and logging": ("save_every", "resume", "overwrite", "eval_every", "eval_blocks", "log_every", "log_seconds"),
     "the plan (memory, tokens, disk, time)": ("dry_run", "gpus", "gpu_memory", "host_memory", "mfu", "fit_check"),
     "--init scratch only: the new model's shape": ("tokenizer", "n_layer", "n_embd", "n_head", "n_kv_head",
                                                    "intermediate_size", "rope_theta"),
@@ -138,9 +144,9 @@ def parse_args(argv, description=None):
             kind, flag = f.metadata["type"] or type(f.default), "--" + f.name.replace("_", "-")
             if kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-            else:
-                group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
-                                   help=f.metadata["help"])
+            else:  # --init is --model too, as sample.py and eval.py call a checkpoint
+                group.add_argument(flag, *(["--model"] if f.name == "init" else []), type=kind, default=f.default,
+                                   choices=f.metadata["choices"], help=f.metadata["help"])
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -152,15 +158,14 @@ def check(tc, env):
     if not tc.init or not (tc.data or tc.dry_run and tc.init != "scratch"):
         raise UserError("--init (a checkpoint directory, or 'scratch') and --data are required")
     check_flags(tc)
-    if not tc.dry_run:
-        check_writable(tc.out, "--out")
+    check_writable(tc.out, "--out")  # a dry run too: what the real run would refuse, said before it is queued
     hf = read_config(tc.init) if tc.init != "scratch" else None  # config.json, read once: handed down from here
     tc, mcfg, tok_files, notes = resolve(tc, hf, tc.gpus or env.world)
     if tc.cpu_offload and env.device.type == "cpu" and tc.gpus is None and tc.gpu_memory is None:
         notes.append("note: --cpu-offload is for GPUs: on a CPU the weights, gradients and AdamW are in host memory "
                      "already; the run goes on without it")
+    rundir.check_out(tc)
     if not tc.dry_run:
-        rundir.check_out(tc)
         rundir.check_resume(tc)
         if env.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda, but torch sees no CUDA device")
@@ -246,6 +251,7 @@ def check_flags(tc):
         if tc.n_kv_head and tc.n_head % tc.n_kv_head:
             raise UserError(f"--n-head {tc.n_head} must be a multiple of --n-kv-head {tc.n_kv_head}")
     check_seed(tc.seed)
+    check_device(tc.device)
     if (tc.gpus is not None or tc.gpu_memory is not None or tc.host_memory is not None) and not tc.dry_run:
         raise UserError("--gpus, --gpu-memory and --host-memory plan a run elsewhere: give them with --dry-run (a real "
                         "run plans for the machine it has)")
@@ -263,6 +269,15 @@ def check_memory_flags(tc):
     if tc.offload_checkpoints and tc.activation_checkpointing not in (None, "full"):
         raise UserError(f"--offload-checkpoints moves what full checkpointing keeps to the host: it needs "
                         f"--activation-checkpointing full, not {tc.activation_checkpointing}")
+
+
+def check_device(device):
+    """auto, cpu, cuda, or cuda:N for one process (as sample.py and eval.py take it)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {device!r}")
+    if ":" in device and "WORLD_SIZE" in os.environ:
+        raise UserError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK: give "
+                        "--device cuda")
 
 
 def resolve(tc, hf, world):
@@ -299,6 +314,9 @@ def resolve(tc, hf, world):
                                                                           "selective" if tc.seq_len >= 2048 else "none"))
     for file in tok_files:
         check_side_file(file)
+    if tc.warmup > tc.steps:
+        notes = notes + [f"note: --warmup {tc.warmup} is longer than --steps {tc.steps}: the learning rate never reaches "
+                         f"--lr {tc.lr:g} (it ends at {tc.lr * tc.steps / tc.warmup:.3g})"]
     return tc, mcfg, tok_files, notes
 
 
@@ -359,6 +377,8 @@ def checkpoint_files(tc, mcfg, meta):
     with torch.device("meta"):  # no weights, only pickles, or other shapes: fail now, from the file headers
         check_tensors(tc.init, Llama(mcfg).shapes(), mcfg.tie_word_embeddings)
     tok_files = [os.path.join(tc.init, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tc.init, n))]
+    for file in tok_files:  # a link out of the checkpoint is refused before anything reads it
+        check_side_file(file)
     data_vocab = meta["vocab_size"]
     try:
         own = load_tokenizer(tc.init).vocab_size

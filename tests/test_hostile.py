@@ -321,7 +321,7 @@ def test_full_disk_at_export_keeps_the_earlier_export(env, tmp_path, capsys, mon
     before.pop("metrics.jsonl")  # the new run's log replaces the old one's
     import safetensors.torch
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-    err = one_line_exit_2("train", TRAIN(env, tmp_path, out=str(out)), capsys, after_progress=True)
+    err = one_line_exit_2("train", TRAIN(env, tmp_path, "--overwrite", out=str(out)), capsys, after_progress=True)
     assert "cannot export" in err and "No space left on device" in err
     after = digest(out)
     assert all(after.get(k) == v for k, v in before.items())

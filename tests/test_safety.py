@@ -149,7 +149,7 @@ def test_out_of_an_earlier_run_keeps_the_users_extra_files(work, tmp_path, capsy
     assert run(good(work, out, "--save-every", "0", "--steps", "2"), capsys)[0] == 0
     (out / "model_card.json").write_text("{}")  # named like our files, but not ours
     (out / "notes.txt").write_text("keep")
-    assert run(good(work, out, "--save-every", "0", "--steps", "2"), capsys)[0] == 0
+    assert run(good(work, out, "--save-every", "0", "--steps", "2", "--overwrite"), capsys)[0] == 0
     assert (out / "model_card.json").exists() and (out / "notes.txt").read_text() == "keep"
     Llama.from_pretrained(out)
 

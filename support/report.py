@@ -80,38 +80,32 @@ def ruler_table(results, lengths, tasks):
 
 def plot_ruler(results, lengths, path):
     """RULER's average score against context length, one line per method. False if matplotlib is missing."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        xs = [n for n in lengths if str(n) in r["average"]]
-        ax.plot(xs, [r["average"][str(n)] for n in xs], marker="o", label=r["method"])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.minorticks_off()
-    ax.set(xlabel="context length (tokens)", ylabel="RULER average score (0-100)", ylim=(-2, 102))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(plt, fig, path)
-    return True
+    return plot_by_length(results, lengths, path, lambda r, n: r["average"].get(str(n)),
+                          "RULER average score (0-100)", ylim=(-2, 102))
 
 
 def plot_ppl(results, lengths, path):
     """Perplexity against context length, one line per method. False if matplotlib is missing."""
+    return plot_by_length(results, lengths, path,
+                          lambda r, n: r["ppl"][str(n)]["ppl"] if r["ppl"][str(n)]["tokens"] else None, "perplexity")
+
+
+def plot_by_length(results, lengths, path, value, ylabel, ylim=None):
+    """value(run, length) against context length (log scale), one line per method, lengths it has no value
+    for left out. False if matplotlib is missing."""
     plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        xs = [n for n in lengths if r["ppl"][str(n)]["tokens"]]
-        ax.plot(xs, [r["ppl"][str(n)]["ppl"] for n in xs], marker="o", label=r["method"])
+        xs = [n for n in lengths if value(r, n) is not None]
+        ax.plot(xs, [value(r, n) for n in xs], marker="o", label=r["method"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
+    ax.set(xlabel="context length (tokens)", ylabel=ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -151,3 +151,22 @@ def test_bad_cp_is_one_line_and_exit_2(work, case, capsys, monkeypatch):
     argv = ["--init", str(work / "ckpt"), "--data", str(work / "data"), "--out", str(work / "bad-cp"), "--yarn-scale",
             "2", "--steps", "1", "--batch-size", "4", "--device", "cpu", *flags]
     assert message in one_line_exit_2("train", argv, capsys)
+
+
+def test_context_parallel_with_the_memory_switches_equals_one_process(work):
+    """--cp 2 with --tile-mlp and --offload-checkpoints (2 processes) against one plain process: the switches
+    act on each rank's part (256 tokens over 2 ranks: 128 each, two MLP tiles of C = 64 positions; the block
+    inputs kept on the host hold the rank's positions), and the run is still the single process's."""
+    ckpt = work / "ckpt-llama-yarn"
+    if not ckpt.exists():
+        tiny_checkpoint(ckpt, tokenizer=work / "data" / "tokenizer.model")
+    args = ["--init", ckpt, "--data", work / "data", "--yarn-scale", "4", *RUN, "--save-every", "0"]
+    args[args.index("--seq-len") + 1] = "256"
+    ref, out = work / "single-256", work / "cp2-switches-256"
+    r = run_train(args + ["--out", ref, "--activation-checkpointing", "none"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(args + ["--out", out, "--cp", "2", "--activation-checkpointing", "full", "--tile-mlp",
+                          "--offload-checkpoints"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--tile-mlp" in r.stdout and "--offload-checkpoints" in r.stdout and "--cp 2" in r.stdout  # the plan names them
+    assert_same_run(out, ref)

@@ -272,10 +272,10 @@ def export(model, mcfg, tc, tok_files, save_dtype, env):
     try:
         plain.save_pretrained(staged, extra_files=tok_files)  # exists only complete
         widen_tokenizer_config(os.path.join(staged, "tokenizer_config.json"), mcfg.context_length)
-        rundir.publish_export(tc.out)
-    except OSError as e:  # a full disk: an earlier export in --out is only replaced by a complete one
+    except OSError as e:  # a full disk before anything is published: the staged copy goes, an earlier export stays
         shutil.rmtree(staged, ignore_errors=True)
         raise UserError(f"cannot export to {tc.out}: {e.strerror or e}; nothing exported; {rundir.kept(tc.out)}")
+    rundir.publish_export(tc.out)  # renames only; stopped halfway, the next run on --out finishes it (rundir.claim)
 
 
 def layout(plan, tc, env, start):

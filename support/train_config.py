@@ -73,7 +73,7 @@ class TrainConfig:
     activation_checkpointing: str = arg(None, "what each block keeps for backward: none, full (its input: "
                                               "recompute all) or selective (input and attention outputs: "
                                               "recompute the rest); default selective from seq-len 2048, "
-                                              "else none (model.py gives the memory estimate)", str, CHECKPOINTING)
+                                              "else none (the plan, --dry-run, gives the memory of each)", str, CHECKPOINTING)
     cp: int = arg(1, "context parallelism: split each sequence over N processes (context_parallel.py), for "
                      "sequences too long for one GPU's activations; the processes are data-parallel x N")
     compile: bool = arg(False, "torch.compile each block (the first step's time, compilation included, is "

@@ -140,11 +140,13 @@ class Prompt:
 @dataclass
 class Sources:
     """What the tasks draw from: the haystack's words (essay tasks) and its distinct ones (cwe), the QA data
-    {"squad" or "hotpotqa": (questions, documents)}, and vt's one-shot example (made by make_sources)."""
+    {"squad" or "hotpotqa": (questions, documents)}, vt's one-shot example, and the haystack units of each
+    (task, length)'s first sample, found by make_sources' check: the run starts its search there."""
     words: list = None
     vocab: list = None
     qa: dict = None
     vt_example: tuple = None
+    guesses: dict = None
 
 
 def template_parts(template, **fields):
@@ -542,7 +544,7 @@ def evaluate(model, tok, tasks, lengths, samples, seed, src, batch_size=1, done=
 
 def run_cell(model, tok, task, length, samples, seed, src, batch_size, done, log, stop, bar):
     """The lines of one task at one length: those done already, and the rest decoded in batches."""
-    lines, batch, guess = [], [], None
+    lines, batch, guess = [], [], (src.guesses or {}).get((task.name, length))  # sample 0's size, from the check
     for index in range(samples):
         s, guess = make_sample(task, tok, length, index, seed, src, guess)
         old = done.get((task.name, length, index))
@@ -592,7 +594,6 @@ def make_sources(tok, tasks, lengths, haystack, qa_files, seed):
             raise ValueError(f"--haystack has {len(src.vocab)} distinct words; cwe draws 50 or more")
     if "vt" in tasks:
         src.vt_example = vt_example(tok, seed)
-    for name in tasks:
-        for length in lengths:
-            make_sample(TASKS[name], tok, length, 0, seed, src)
+    src.guesses = {(name, length): make_sample(TASKS[name], tok, length, 0, seed, src)[1]
+                   for name in tasks for length in lengths}
     return src, tasks

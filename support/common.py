@@ -19,10 +19,7 @@ import sys
 
 import torch
 
-import rope
-from rope import DYNAMIC_METHODS, METHODS
-
-MAX_POSITIONS = rope.MAX_POSITIONS  # RoPE positions are fp32: exact integers up to 2^24 (rope.py's bound)
+from rope import DYNAMIC_METHODS, MAX_POSITIONS, METHODS  # noqa: F401 (MAX_POSITIONS: the commands' bound on --ctx)
 
 
 class UserError(Exception):
